@@ -1,0 +1,92 @@
+"""Direct calls to each method, with ``F.scaled_dot_product_attention``'s conventions.
+
+q, k, v are ``[B, H, N, D]`` (k/v may have fewer heads that divide H: grouped-query attention);
+``attn_mask`` is bool (True = keep) or additive float, broadcastable to ``[B, H, Nq, Nk]``;
+``scale`` defaults to ``1/sqrt(head_dim)``. Every function goes through the method's
+``torch.library`` op, so it works under ``torch.compile`` and autograd. ``impl`` picks the path:
+``"auto"`` (Triton on CUDA when a kernel exists, else plain torch), ``"triton"`` or ``"torch"``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .lowering.ops import IMPLS, check_inputs, op_args, op_for
+from .methods import get_method
+
+__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention"]
+
+
+def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
+              attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+              is_causal: bool = False, *, impl: str = "auto", **params) -> torch.Tensor:
+    """Attention by the registered method ``method`` with its ``params`` (validated)."""
+    m = get_method(method)
+    p = m.make_params(params, where=f"{method}_attention")
+    what = f"structattn.functional.{method}_attention"
+    check_inputs(q, k, v, attn_mask, what)
+    if impl not in IMPLS:
+        raise ValueError(f"{what}: impl must be one of {list(IMPLS)}; got {impl!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    from .methods.base import SiteShape
+
+    site = SiteShape(
+        batch=q.shape[0], num_heads=q.shape[1], num_kv_heads=k.shape[1], q_len=q.shape[2],
+        kv_len=k.shape[2], head_dim=q.shape[3], v_head_dim=v.shape[3],
+        mask=_mask_kind(attn_mask, is_causal), dtype=q.dtype,
+    )
+    reason = m.supports(site, p)
+    if reason is not None:
+        raise ValueError(f"{what}: {reason}")
+    return op_for(m)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, *op_args(m, p))
+
+
+def _mask_kind(attn_mask: Optional[torch.Tensor], is_causal: bool) -> str:
+    from .methods.masks import is_key_padding
+
+    if attn_mask is None:
+        return "causal" if is_causal else "none"
+    if not is_key_padding(attn_mask):
+        return "general"
+    return "causal+key_padding" if is_causal else "key_padding"
+
+
+def exact_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, impl="auto"):
+    """Exact softmax attention through ``structattn::exact_attention`` (SDPA underneath)."""
+    return attention("exact", q, k, v, attn_mask, scale, is_causal, impl=impl)
+
+
+def monarch_attention(q, k, v, attn_mask=None, scale=None, *, block_size=None, num_steps=1, impl="auto"):
+    """MonarchAttention (Yaras et al. 2025): softmax projected onto Monarch matrices.
+
+    ``block_size=None`` picks about sqrt(N); ``num_steps`` is the number of alternating (R, L)
+    steps. Supports key-padding masks only (a causal or general mask raises ValueError).
+    """
+    return attention("monarch", q, k, v, attn_mask, scale, False, impl=impl,
+                     block_size=block_size, num_steps=num_steps)
+
+
+def mra_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, block_size=32,
+                  blocks_per_row=4, variant="mra2", impl="auto"):
+    """MRA-2 multi-resolution attention (Zeng et al. 2022).
+
+    Exact scores in the ``blocks_per_row`` highest-scoring key blocks of each query block, pooled
+    block averages elsewhere (``variant="mra2"``) or nothing elsewhere (``"mra2s"``).
+    """
+    return attention("mra", q, k, v, attn_mask, scale, is_causal, impl=impl,
+                     block_size=block_size, blocks_per_row=blocks_per_row, variant=variant)
+
+
+def topk_attention(q, k, v, /, attn_mask=None, scale=None, is_causal=False, *, chunk_size=1024, impl="auto", **kw):
+    """Top-k attention (Gupta et al. 2021): per query, softmax over its ``k`` largest scores.
+
+    Call as ``topk_attention(q, k, v, k=64)``: the tensors are positional, the budget ``k`` is a
+    keyword. Queries are processed ``chunk_size`` at a time so peak memory is O(chunk*N + N*k).
+    """
+    unknown = set(kw) - {"k"}
+    if unknown:
+        raise TypeError(f"topk_attention() got unexpected keyword arguments {sorted(unknown)}")
+    return attention("topk", q, k, v, attn_mask, scale, is_causal, impl=impl, k=kw.get("k", 64), chunk_size=chunk_size)

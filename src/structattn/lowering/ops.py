@@ -1,0 +1,179 @@
+"""One ``torch.library`` op per registered method, generated from the method's ``Params``.
+
+``structattn::<name>_attention(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *params)``
+is an opaque op to dynamo and inductor (inductor calls it as an extern kernel), with a fake impl for
+symbolic shapes and an autograd formula that calls ``structattn::<name>_attention_backward``. The
+op body dispatches at run time: sequences shorter than ``min_seq_len`` go exact; CUDA tensors go to
+the method's Triton kernel when one exists (``impl="auto"``); everything else runs the method's
+plain-torch ``forward``.
+
+We use ``Library.define`` + a CompositeExplicitAutograd impl rather than ``triton_op``: the body
+branches on device and on ``min_seq_len`` at run time, which a traced ``triton_op`` cannot do on CPU
+(DESIGN.md section 5), and the kernels are launched from the impl like any extern kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Optional, Union
+
+import torch
+
+from ..methods import REGISTRY, Method, get_method
+
+NAMESPACE = "structattn"
+IMPLS = ("auto", "triton", "torch")
+
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+_DEFINED: dict[str, Any] = {}
+
+_COMMON_ARGS = (
+    "Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, bool is_causal, "
+    "int min_seq_len, str impl"
+)
+
+
+def _schema_type(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _schema_type(inner[0]) + "?"
+    return {int: "int", float: "float", bool: "bool", str: "str"}[hint]
+
+
+def _param_schema(method: Method) -> str:
+    hints = typing.get_type_hints(method.Params)
+    return "".join(f", {_schema_type(hints[f.name])} {f.name}" for f in method.param_fields())
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], what: str) -> None:
+    """Raise ValueError naming ``what`` when q/k/v/mask do not have SDPA's layout."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"{what}: q, k, v must be 4-D [batch, heads, seq, head_dim]; got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"{what}: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError(f"{what}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"{what}: key/value heads must be equal and divide query heads; got q {q.shape[1]}, "
+            f"k {k.shape[1]}, v {v.shape[1]}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{what}: k and v sequence lengths differ: {k.shape[2]} vs {v.shape[2]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"{what}: q and k head_dim differ: {q.shape[3]} vs {k.shape[3]}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(f"{what}: attn_mask must be bool (True = keep) or float (additive); got {attn_mask.dtype}")
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        try:
+            torch.broadcast_shapes(tuple(attn_mask.shape), target)
+        except RuntimeError:
+            raise ValueError(
+                f"{what}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                f"[B, H, Nq, Nk] = {list(target)}"
+            ) from None
+
+
+def run_method(method: Method, q, k, v, attn_mask, scale: float, is_causal: bool, min_seq_len: int,
+               impl: str, params: Any) -> torch.Tensor:
+    """Run ``method`` on concrete tensors, choosing exact / Triton / plain torch as documented."""
+    if k.shape[-2] < min_seq_len:
+        method, params = get_method("exact"), get_method("exact").Params()
+    kernel = _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params)
+    if kernel is not None:
+        return kernel(q, k, v, attn_mask, scale, is_causal, params)
+    return method.forward(q, k, v, attn_mask, scale, is_causal, params)
+
+
+def _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if impl == "torch" or method.name == "exact":
+        return None
+    from .. import kernels
+
+    if impl == "auto":
+        if not q.is_cuda:
+            return None
+        return kernels.get_kernel(method.name, q, k, v, attn_mask, is_causal, params, strict=False)
+    return kernels.get_kernel(method.name, q, k, v, attn_mask, is_causal, params, strict=True)
+
+
+def _define(method: Method) -> Any:
+    name = f"{method.name}_attention"
+    pschema = _param_schema(method)
+    _LIB.define(f"{name}({_COMMON_ARGS}{pschema}) -> Tensor")
+    _LIB.define(f"{name}_backward(Tensor grad_out, {_COMMON_ARGS}{pschema}) -> (Tensor, Tensor, Tensor)")
+    qualname = f"{NAMESPACE}::{name}"
+    what = qualname
+
+    def forward_impl(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
+        check_inputs(q, k, v, attn_mask, what)
+        out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, method.Params(*pvalues))
+        return out.to(q.dtype)
+
+    def forward_fake(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
+        check_inputs(q, k, v, attn_mask, what)
+        return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+
+    def backward_impl(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
+        params = method.Params(*pvalues)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            # The backward differentiates the plain-torch formulation (exactly what the CPU path
+            # computes; on CUDA the same math as the kernel, recomputed by torch).
+            out = run_method(method, *leaves, attn_mask, scale, is_causal, min_seq_len, "torch", params)
+            grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+    def backward_fake(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    _LIB.impl(name, forward_impl, "CompositeExplicitAutograd")
+    _LIB.impl(f"{name}_backward", backward_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname, forward_fake, lib=_LIB)
+    torch.library.register_fake(f"{qualname}_backward", backward_fake, lib=_LIB)
+
+    backward_op = getattr(getattr(torch.ops, NAMESPACE), f"{name}_backward").default
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask = inputs[:4]
+        if ctx.needs_input_grad[3]:
+            raise NotImplementedError(
+                f"{qualname}: no gradient for attn_mask (a mask that requires grad, e.g. a learned "
+                f"bias); keep this layer exact with options['layers'] = {{'<layer>': 'exact'}}"
+            )
+        ctx.save_for_backward(q, k, v, attn_mask)
+        ctx.rest = inputs[4:]
+
+    def backward(ctx, grad):
+        q, k, v, attn_mask = ctx.saved_tensors
+        gq, gk, gv = backward_op(grad, q, k, v, attn_mask, *ctx.rest)
+        return (gq, gk, gv, None) + (None,) * len(ctx.rest)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_LIB)
+    return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+def op_for(method: Method | str) -> Any:
+    """The ``OpOverload`` of ``structattn::<method>_attention``, defining it on first use."""
+    method = get_method(method) if isinstance(method, str) else method
+    if method.name not in _DEFINED:
+        _DEFINED[method.name] = _define(method)
+    return _DEFINED[method.name]
+
+
+def register_all() -> None:
+    """Define the ops of every registered method (called once when structattn is imported)."""
+    for method in REGISTRY.values():
+        op_for(method)
+
+
+def op_args(method: Method, params: Any) -> tuple:
+    """The op's trailing parameter arguments, in schema order."""
+    return tuple(getattr(params, f.name) for f in method.param_fields())

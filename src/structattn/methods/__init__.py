@@ -1,0 +1,28 @@
+"""The method registry: one entry per attention method. Adding a method is one file plus one line."""
+from __future__ import annotations
+
+from .base import Method, SiteShape, MASK_KINDS, exact_flops
+from .exact import ExactMethod
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (its ``name`` must be new)."""
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; ValueError listing the allowed names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; allowed: {sorted(REGISTRY)}") from None
+
+
+register(ExactMethod())
+
+__all__ = ["Method", "SiteShape", "MASK_KINDS", "REGISTRY", "register", "get_method", "exact_flops"]

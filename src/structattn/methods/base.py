@@ -1,0 +1,136 @@
+"""The contract every attention method fulfils.
+
+A method is one object in the registry (``methods/__init__.py``) with:
+
+* ``Params``: a frozen dataclass of its tunable parameters (ints, floats, bools, strings or
+  ``Optional[int]``); these become arguments of its ``torch.library`` op, so they are part of the
+  graph and of inductor's cache key;
+* ``forward``: the plain-torch computation (the CPU path, the oracle for kernels, and the function
+  the generic backward differentiates);
+* ``supports(site, params)``: ``None`` when the method can serve the site, else the reason it stays
+  exact (shown in the report);
+* ``flops(site, params)``: the estimated attention FLOPs of one call, an int or a sympy expression
+  in symbolic sequence lengths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import sympy
+import torch
+
+Dim = Union[int, sympy.Expr]
+MaskKind = Literal["none", "key_padding", "causal", "causal+key_padding", "general"]
+MASK_KINDS = ("none", "key_padding", "causal", "causal+key_padding", "general")
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """Shapes and mask structure of one attention call, as the pass sees it.
+
+    ``mask`` says what the mask handed to the op is: ``key_padding`` means it broadcasts to
+    ``[B, H, 1, Nk]`` (a per-key keep flag or additive bias); ``causal`` means ``is_causal`` is set
+    (top-left aligned, as in SDPA); ``general`` means a mask that varies along queries and keys
+    in an unknown way.
+    """
+
+    batch: Dim
+    num_heads: int
+    num_kv_heads: int
+    q_len: Dim
+    kv_len: Dim
+    head_dim: int
+    v_head_dim: int
+    mask: MaskKind = "none"
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def causal(self) -> bool:
+        return self.mask.startswith("causal")
+
+    @property
+    def general_mask(self) -> bool:
+        return self.mask == "general"
+
+
+class Method:
+    """Base class of a registered attention method. Subclasses set ``name`` and ``Params``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+    #: whether a Triton kernel exists for CUDA tensors (set by ``structattn.kernels``)
+    description: ClassVar[str] = ""
+
+    # -- parameters -------------------------------------------------------------------------
+    def param_fields(self) -> list[dataclasses.Field]:
+        """The dataclass fields of ``Params`` in declaration order (the op's argument order)."""
+        return list(dataclasses.fields(self.Params))
+
+    def make_params(self, values: dict[str, Any] | None = None, *, where: str = "") -> Any:
+        """Build validated ``Params`` from a dict; unknown keys and bad values raise ValueError."""
+        values = dict(values or {})
+        allowed = [f.name for f in self.param_fields()]
+        for key in values:
+            if key not in allowed:
+                raise ValueError(
+                    f"{where or self.name}: unknown parameter {key!r} for method {self.name!r}; "
+                    f"allowed: {allowed or 'none'}"
+                )
+        hints = typing.get_type_hints(self.Params)
+        for f in self.param_fields():
+            if f.name in values:
+                _check_type(f"{where or self.name}.{f.name}", values[f.name], hints[f.name])
+        params = self.Params(**values)
+        self.validate(params, where=where or self.name)
+        return params
+
+    def validate(self, params: Any, *, where: str) -> None:
+        """Raise ValueError naming ``where.key`` when a parameter value is out of range."""
+
+    # -- behaviour ---------------------------------------------------------------------------
+    def supports(self, site: SiteShape, params: Any) -> Optional[str]:
+        """``None`` if this method can serve ``site``, else a one-line reason."""
+        return None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        scale: float,
+        is_causal: bool,
+        params: Any,
+    ) -> torch.Tensor:
+        """Plain-torch attention: q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv] -> [B,H,Nq,Dv]."""
+        raise NotImplementedError
+
+    def flops(self, site: SiteShape, params: Any) -> Dim:
+        """Estimated FLOPs (2 x multiply-adds) of one call over all batches and heads."""
+        return exact_flops(site)
+
+
+def exact_flops(site: SiteShape) -> Dim:
+    """FLOPs of dense softmax attention: QK^T and PV, 2*B*H*Nq*Nk*(D + Dv)."""
+    return 2 * site.batch * site.num_heads * site.q_len * site.kv_len * (site.head_dim + site.v_head_dim)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin is Union else (hint,)
+    for opt in options:
+        if opt is type(None) and value is None:
+            return
+        if opt is bool and isinstance(value, bool):
+            return
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if opt is str and isinstance(value, str):
+            return
+    names = " or ".join("None" if o is type(None) else o.__name__ for o in options)
+    raise ValueError(f"{key} must be {names}, got {value!r}")
