@@ -2,11 +2,16 @@
 
     compiled = torch.compile(model, backend="structattn", options={"method": "monarch"})
     report = structattn.explain(model, *args, options={...})
+    print(report)
 """
 from . import functional, methods
+from .backend import register
+from .config import Config
+from .explain import explain
 from .lowering import register_all as _register_all
+from .report import Report, Site, last_report
 
 _register_all()
 
-__all__ = ["functional", "methods"]
+__all__ = ["Config", "Report", "Site", "explain", "functional", "last_report", "methods", "register"]
 __version__ = "0.1.0"

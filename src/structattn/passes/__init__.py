@@ -1,0 +1,147 @@
+"""Pure FX passes: expand fused modules, find attention sites, rewrite them, describe them."""
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+import torch
+from torch.fx import GraphModule
+
+from ..config import Config
+from ..methods import SiteShape, exact_flops, get_method
+from ..report import Site
+from .expand import expand_fused_modules
+from .masks import plan_mask
+from .match import Match, find_sites
+from .rewrite import rewrite_site
+from .table import example
+
+__all__ = ["rewrite_attention", "find_sites"]
+
+
+def rewrite_attention(gm: GraphModule, config: Config, graph_index: int = 0) -> list[Site]:
+    """Rewrite every attention site of ``gm`` (and of its subgraph modules) in place."""
+    sites: list[Site] = []
+    expand_fused_modules(gm)
+    for m in find_sites(gm.graph):
+        sites.append(_handle(gm, m, config, graph_index))
+    for _, sub in _subgraph_modules(gm):
+        sites.extend(rewrite_attention(sub, config, graph_index))
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return sites
+
+
+def _subgraph_modules(gm: GraphModule):
+    """GraphModules called by higher-order ops (activation checkpoint bodies ``wrap_body_*``...)."""
+    seen = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            sub = getattr(gm, node.target, None)
+            if isinstance(sub, GraphModule) and id(sub) not in seen:
+                seen.add(id(sub))
+                yield node.target, sub
+
+
+def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site:
+    resolved = config.resolve(m.layer)
+    shape = _site_shape(m)
+    site = Site(
+        layer=m.layer, form=m.form, method="exact", params={}, rewritten=False, reason=m.reason,
+        q_len=shape.q_len if shape else None, kv_len=shape.kv_len if shape else None,
+        head_dim=shape.head_dim if shape else None, num_heads=shape.num_heads if shape else None,
+        num_kv_heads=shape.num_kv_heads if shape else None, v_head_dim=shape.v_head_dim if shape else None,
+        batch=shape.batch if shape else None, requested=resolved.method, scale=m.scale if m.reason is None else None,
+        node=m.anchor.name, graph=graph_index, size_hints=_size_hints(m),
+    )
+    if shape is not None:
+        site.exact_flops = site.flops = exact_flops(shape)
+    if m.reason is not None:
+        site.reason = f"not rewritten: {m.reason}"
+        return site
+
+    plan = plan_mask(m.masks, m.is_causal)
+    kind = plan.kind
+    if resolved.causal and kind == "general":
+        kind = "causal"
+    shape = _with_mask(shape, kind)
+    site.mask = kind + (" (declared)" if resolved.causal and plan.kind == "general" else "")
+
+    method, params = get_method(resolved.method), resolved.params
+    reason = method.supports(shape, params)
+    if reason is None and isinstance(shape.kv_len, int) and shape.kv_len < config.min_seq_len:
+        reason = f"kv length {shape.kv_len} < min_seq_len {config.min_seq_len}"
+    if reason is not None:
+        site.reason = f"{method.name}: {reason}"
+        method = get_method("exact")
+        params = method.Params()
+    rewrite_site(gm.graph, m, plan, method, params, config.min_seq_len, config.impl, resolved.causal)
+    site.rewritten = True
+    site.method = method.name
+    site.params = {f.name: getattr(params, f.name) for f in method.param_fields()}
+    site.flops = method.flops(shape, params)
+    site.backward = "" if method.name == "exact" else "reference autograd (recomputed in torch)"
+    return site
+
+
+def _dim(x: Any) -> Any:
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return int(x)
+
+
+def _size_hints(m: Match) -> dict:
+    """Traced values of the symbolic sizes in this site's shapes ({symbol name: int})."""
+    hints = {}
+    for op in (m.q, m.k, m.v):
+        val = example(op.node) if op is not None else None
+        for size in (val.shape if val is not None else ()):
+            if isinstance(size, torch.SymInt):
+                env = size.node.shape_env
+                for sym in size.node.expr.free_symbols:
+                    if sym in env.var_to_val:
+                        hints[str(sym)] = int(env.var_to_val[sym])
+    return hints
+
+
+def _site_shape(m: Match) -> SiteShape | None:
+    if m.q is None or m.k is None or m.v is None:
+        return _shape_from_scores(m)
+    q = example(m.q.node)
+    k = example(m.k.gqa_source if m.k.gqa_source is not None else m.k.node)
+    v = example(m.v.gqa_source if m.v.gqa_source is not None else m.v.node)
+    if q is None or k is None or v is None:
+        return _shape_from_scores(m)
+    kshape = list(k.shape)
+    if m.k.permute is not None:
+        kshape = [kshape[i] for i in m.k.permute]
+    if m.k.swap_last:
+        kshape[-2], kshape[-1] = kshape[-1], kshape[-2]
+    vshape = list(v.shape)
+    if m.v.swap_last:
+        vshape[-2], vshape[-1] = vshape[-1], vshape[-2]
+    if q.dim() == 4:
+        batch, heads, kv_heads = _dim(q.shape[0]), _dim(q.shape[1]), _dim(kshape[1])
+    elif q.dim() == 3:
+        batch, heads, kv_heads = 1, _dim(q.shape[0]), _dim(q.shape[0])
+    else:
+        batch, heads, kv_heads = 1, 1, 1
+    return SiteShape(batch, heads, kv_heads, _dim(q.shape[-2]), _dim(kshape[-2]), _dim(q.shape[-1]),
+                     _dim(vshape[-1]), "none", q.dtype)
+
+
+def _shape_from_scores(m: Match) -> SiteShape | None:
+    s = m.scores_shape
+    if not s:
+        return None
+    lead = [_dim(x) for x in s[:-2]]
+    batch = lead[0] if len(lead) >= 2 else 1
+    heads = lead[-1] if lead else 1
+    return SiteShape(batch, heads, heads, _dim(s[-2]), _dim(s[-1]), 0, 0)
+
+
+def _with_mask(shape: SiteShape, kind: str) -> SiteShape:
+    from dataclasses import replace
+
+    return replace(shape, mask=kind)
