@@ -115,7 +115,8 @@ def _define(method: Method) -> Any:
     def forward_impl(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
         check_inputs(q, k, v, attn_mask, what)
         out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, method.Params(*pvalues))
-        return out.to(q.dtype)
+        # the fake impl promises a contiguous [B, H, Nq, Dv] tensor (inductor checks strides)
+        return out.to(q.dtype).contiguous()
 
     def forward_fake(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
         check_inputs(q, k, v, attn_mask, what)
@@ -129,10 +130,10 @@ def _define(method: Method) -> Any:
             # computes; on CUDA the same math as the kernel, recomputed by torch).
             out = run_method(method, *leaves, attn_mask, scale, is_causal, min_seq_len, "torch", params)
             grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True)
-        return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+        return tuple(t.new_zeros(t.shape) if g is None else g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
     def backward_fake(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
     _LIB.impl(name, forward_impl, "CompositeExplicitAutograd")
     _LIB.impl(f"{name}_backward", backward_impl, "CompositeExplicitAutograd")

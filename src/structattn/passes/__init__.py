@@ -21,10 +21,16 @@ __all__ = ["rewrite_attention", "find_sites"]
 
 def rewrite_attention(gm: GraphModule, config: Config, graph_index: int = 0) -> list[Site]:
     """Rewrite every attention site of ``gm`` (and of its subgraph modules) in place."""
-    sites: list[Site] = []
-    expand_fused_modules(gm)
-    for m in find_sites(gm.graph):
-        sites.append(_handle(gm, m, config, graph_index))
+    sites: list[Site] = [_handle(gm, m, config, graph_index) for m in expand_fused_modules(gm)]
+    # Match again after every rewrite: a later site may read an earlier site's output (stacked
+    # layers), and must see the node that replaced it.
+    done: set = set()
+    while True:
+        pending = [m for m in find_sites(gm.graph) if m.anchor not in done]
+        if not pending:
+            break
+        done.add(pending[0].anchor)
+        sites.append(_handle(gm, pending[0], config, graph_index))
     for _, sub in _subgraph_modules(gm):
         sites.extend(rewrite_attention(sub, config, graph_index))
     gm.graph.eliminate_dead_code()
@@ -99,9 +105,10 @@ def _size_hints(m: Match) -> dict:
         for size in (val.shape if val is not None else ()):
             if isinstance(size, torch.SymInt):
                 env = size.node.shape_env
+                values = getattr(env, "backed_var_to_val", None) or env.var_to_val  # renamed in torch 2.13
                 for sym in size.node.expr.free_symbols:
-                    if sym in env.var_to_val:
-                        hints[str(sym)] = int(env.var_to_val[sym])
+                    if sym in values:
+                        hints[str(sym)] = int(values[sym])
     return hints
 
 

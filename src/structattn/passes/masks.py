@@ -88,6 +88,26 @@ def _term_facts(term: MaskTerm) -> Optional[Facts]:
     return _boolean(term.node, positive=term.kind == "keep")
 
 
+def _is_broadcast_view(call) -> bool:
+    """A view that only adds or drops size-1 leading axes ([N, N] -> [1, 1, N, N]): the query and
+    key axes (the last two) keep their positions and values."""
+    if call.name not in ("getitem", "unsqueeze", "reshape"):
+        return False
+    src, out = example(call.get("input")), example(call.node)
+    if src is None or out is None or src.dim() < 2 or out.dim() < 2:
+        return False
+    if call.name == "getitem":
+        idx = call.get("index")
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if not all(i is None or i is Ellipsis or i == slice(None) for i in idx):
+            return False
+    if call.name == "unsqueeze":
+        dim = call.get("dim")
+        if not isinstance(dim, int) or dim % (src.dim() + 1) >= src.dim() - 1:
+            return False
+    return tuple(src.shape[-2:]) == tuple(out.shape[-2:]) and src.numel() == out.numel()
+
+
 def _query_independent(node: Node) -> bool:
     val = example(node)
     return val is not None and (val.dim() < 2 or val.shape[-2] == 1)
@@ -96,7 +116,7 @@ def _query_independent(node: Node) -> bool:
 def _additive(node: Any, coef: float) -> Optional[Facts]:
     call = canonical(node)
     if call is not None:
-        if call.name in ("cast", "contiguous", "expand"):
+        if call.name in ("cast", "contiguous", "expand") or _is_broadcast_view(call):
             return _additive(call.get("input"), coef)
         if call.name == "where":
             cond, a, b = call.get("condition"), call.get("input"), call.get("other")
@@ -117,7 +137,7 @@ def _boolean(node: Any, positive: bool) -> Optional[Facts]:
     call = canonical(node)
     if call is not None:
         name = call.name
-        if name in ("cast", "contiguous", "expand"):
+        if name in ("cast", "contiguous", "expand") or _is_broadcast_view(call):
             return _boolean(call.get("input"), positive)
         if name == "not":
             return _boolean(call.get("input"), not positive)

@@ -6,59 +6,20 @@ from typing import Any, Optional
 
 import torch
 from torch.fx import Graph, Node
-from torch.utils._pytree import tree_flatten, tree_map
 
 from ..lowering.ops import op_args, op_for
 from ..methods import Method
+from .build import NodeBuilder
 from .match import Match, Operand
 from .masks import MaskPlan, MaskTerm
 from .table import example
 
-_META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
-
-
-class _Builder:
-    """Inserts nodes before ``anchor`` with the site's metadata and fake example values."""
-
-    def __init__(self, graph: Graph, before: Node, meta_from: Node):
-        self.graph, self.before, self.meta_from = graph, before, meta_from
-
-    def call(self, target: Any, *args: Any, method: bool = False, **kwargs: Any) -> Node:
-        with self.graph.inserting_before(self.before):
-            if method:
-                node = self.graph.call_method(target, args, kwargs)
-            else:
-                node = self.graph.call_function(target, args, kwargs)
-        for key in _META_KEYS:
-            if key in self.meta_from.meta:
-                node.meta[key] = self.meta_from.meta[key]
-        node.meta["example_value"] = _fake_value(node)
-        return node
-
-
-def _fake_value(node: Node) -> Any:
-    """The node's fake value, computed from its inputs' (metadata only; None if unavailable)."""
-    args, kwargs = tree_map(
-        lambda a: a.meta.get("example_value", a.meta.get("val")) if isinstance(a, Node) else a, (node.args, node.kwargs)
-    )
-    flat, _ = tree_flatten((args, kwargs))
-    modes = [getattr(t, "fake_mode", None) for t in flat if isinstance(t, torch.Tensor)]
-    mode = next((m for m in modes if m is not None), None)
-    if mode is None:
-        return None
-    try:
-        with mode:
-            if node.op == "call_method":
-                return getattr(args[0], node.target)(*args[1:], **kwargs)
-            return node.target(*args, **kwargs)
-    except Exception:  # metadata is a convenience; the compiler re-traces anyway
-        return None
 
 
 def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params: Any,
                  min_seq_len: int, impl: str, declared_causal: bool) -> Node:
     """Insert the op for site ``m`` and route the site's output users to it. Returns the op node."""
-    b = _Builder(graph, m.output, m.anchor)
+    b = NodeBuilder(graph, m.output, m.anchor)
     rank = example(m.q.node).dim()
     q = _operand(b, m.q, rank)
     for factor, how in m.scale_nodes:
@@ -76,7 +37,7 @@ def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params:
     return out
 
 
-def _operand(b: _Builder, op: Operand, rank: int) -> Node:
+def _operand(b: NodeBuilder, op: Operand, rank: int) -> Node:
     node = op.gqa_source if op.gqa_source is not None else op.node
     if op.permute is not None:
         node = b.call("permute", node, *op.permute, method=True)
@@ -87,7 +48,7 @@ def _operand(b: _Builder, op: Operand, rank: int) -> Node:
     return node
 
 
-def _mask(b: _Builder, plan: MaskPlan) -> Optional[Node]:
+def _mask(b: NodeBuilder, plan: MaskPlan) -> Optional[Node]:
     terms = plan.general if plan.kind == "general" else plan.keypad
     if not terms:
         return None
@@ -106,7 +67,7 @@ def _mask(b: _Builder, plan: MaskPlan) -> Optional[Node]:
     return total
 
 
-def _additive(b: _Builder, t: MaskTerm) -> Node:
+def _additive(b: NodeBuilder, t: MaskTerm) -> Node:
     if t.kind == "additive":
         return t.node if t.coef == 1.0 else b.call(operator.mul, t.node, t.coef)
     keep = t.node if t.kind == "keep" else b.call(torch.logical_not, t.node)
