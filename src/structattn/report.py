@@ -37,6 +37,8 @@ class Site:
     backward: str = ""
     #: traced values of symbolic sizes, e.g. {"s50": 16}, used to print numbers for expressions
     size_hints: dict = field(default_factory=dict)
+    #: with the private option ``_route``: the key of this site in ``lowering.routed.ROUTES``
+    route_key: Optional[str] = None
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (sympy expressions become strings)."""

@@ -82,7 +82,10 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.reason = f"{method.name}: {reason}"
         method = get_method("exact")
         params = method.Params()
-    rewrite_site(gm.graph, m, plan, method, params, config.min_seq_len, config.impl, resolved.causal)
+    if config.route:
+        site.route_key = f"{graph_index}:{m.layer}:{m.anchor.name}"
+    rewrite_site(gm.graph, m, plan, method, params, config.min_seq_len, config.impl, resolved.causal,
+                 route_key=site.route_key)
     site.rewritten = True
     site.method = method.name
     site.params = {f.name: getattr(params, f.name) for f in method.param_fields()}

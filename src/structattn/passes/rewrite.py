@@ -8,6 +8,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..lowering.ops import op_args, op_for
+from ..lowering.routed import ROUTED_OP
 from ..methods import Method
 from .build import NodeBuilder
 from .match import Match, Operand
@@ -17,8 +18,11 @@ from .table import example
 
 
 def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params: Any,
-                 min_seq_len: int, impl: str, declared_causal: bool) -> Node:
-    """Insert the op for site ``m`` and route the site's output users to it. Returns the op node."""
+                 min_seq_len: int, impl: str, declared_causal: bool, route_key: Optional[str] = None) -> Node:
+    """Insert the op for site ``m`` and route the site's output users to it. Returns the op node.
+
+    With ``route_key`` the op is ``structattn::routed_attention`` (calibration), not the method's.
+    """
     b = NodeBuilder(graph, m.output, m.anchor)
     rank = example(m.q.node).dim()
     q = _operand(b, m.q, rank)
@@ -29,8 +33,11 @@ def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params:
         mask, is_causal = None, True
     else:
         mask, is_causal = _mask(b, plan), plan.causal
-    op = op_for(method)
-    out = b.call(op, q, k, v, mask, float(m.scale), bool(is_causal), int(min_seq_len), impl, *op_args(method, params))
+    if route_key is not None:
+        out = b.call(ROUTED_OP, q, k, v, mask, float(m.scale), bool(is_causal), route_key)
+    else:
+        out = b.call(op_for(method), q, k, v, mask, float(m.scale), bool(is_causal), int(min_seq_len), impl,
+                     *op_args(method, params))
     for _ in range(4 - rank):
         out = b.call(torch.squeeze, out, 0)
     m.output.replace_all_uses_with(out)
