@@ -80,7 +80,8 @@ class Report:
 
     def total_flops(self) -> tuple:
         """(estimated attention FLOPs, exact attention FLOPs), summed over sites."""
-        return (sum((s.flops for s in self.sites), 0), sum((s.exact_flops for s in self.sites), 0))
+        known = [s for s in self.sites if s.flops is not None and s.exact_flops is not None]
+        return (sum((s.flops for s in known), 0), sum((s.exact_flops for s in known), 0))
 
     def hints(self) -> dict:
         """Traced values of every symbolic size in the report."""

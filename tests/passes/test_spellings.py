@@ -251,3 +251,32 @@ def test_two_sites_in_one_module_get_their_own_fqns():
     with torch.no_grad():
         expected = TwoDoubled()(*args)
     assert rel_err(report.output, expected) < 1e-5
+
+
+def test_in_place_updates_on_scores():
+    def fn(q, k, v, bias):
+        s = q @ k.transpose(-2, -1)
+        s *= 0.3
+        s += bias
+        s.masked_fill_(bias < -1, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    keep = padding()
+    report = check(fn, *qkv(), _additive(keep))
+    assert report.sites[0].mask == "key_padding"
+
+
+def test_in_place_after_another_read_is_not_misread():
+    def fn(q, k, v):
+        s = q @ k.transpose(-2, -1)
+        first = torch.softmax(s, -1) @ v       # reads s before the mutation
+        s.mul_(2.0)
+        return first + torch.softmax(s, -1) @ v
+
+    module = Fn(fn)
+    args = qkv()
+    with torch.no_grad():
+        ref = module(*args)
+    report = explain_doubled(module, *args)
+    assert sum(s.rewritten for s in report.sites) == 0
+    assert rel_err(report.output, ref) < 1e-6

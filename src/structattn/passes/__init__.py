@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 from ..config import Config
 from ..methods import SiteShape, exact_flops, get_method
 from ..report import Site
+from .canonical import erase_dead, functionalize_inplace
 from .expand import expand_fused_modules
 from .masks import plan_mask
 from .match import Match, find_sites
@@ -21,6 +22,7 @@ __all__ = ["rewrite_attention", "find_sites"]
 
 def rewrite_attention(gm: GraphModule, config: Config, graph_index: int = 0) -> list[Site]:
     """Rewrite every attention site of ``gm`` (and of its subgraph modules) in place."""
+    functionalize_inplace(gm.graph)
     sites: list[Site] = [_handle(gm, m, config, graph_index) for m in expand_fused_modules(gm)]
     # Match again after every rewrite: a later site may read an earlier site's output (stacked
     # layers), and must see the node that replaced it.
@@ -33,7 +35,6 @@ def rewrite_attention(gm: GraphModule, config: Config, graph_index: int = 0) -> 
         sites.append(_handle(gm, pending[0], config, graph_index))
     for _, sub in _subgraph_modules(gm):
         sites.extend(rewrite_attention(sub, config, graph_index))
-    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return sites
@@ -61,7 +62,7 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         batch=shape.batch if shape else None, requested=resolved.method, scale=m.scale if m.reason is None else None,
         node=m.anchor.name, graph=graph_index, size_hints=_size_hints(m),
     )
-    if shape is not None:
+    if shape is not None and shape.head_dim is not None:
         site.exact_flops = site.flops = exact_flops(shape)
     if m.reason is not None:
         site.reason = f"not rewritten: {m.reason}"
@@ -86,6 +87,7 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.route_key = f"{graph_index}:{m.layer}:{m.anchor.name}"
     rewrite_site(gm.graph, m, plan, method, params, config.min_seq_len, config.impl, resolved.causal,
                  route_key=site.route_key)
+    erase_dead([m.output])
     site.rewritten = True
     site.method = method.name
     site.params = {f.name: getattr(params, f.name) for f in method.param_fields()}
@@ -148,7 +150,7 @@ def _shape_from_scores(m: Match) -> SiteShape | None:
     lead = [_dim(x) for x in s[:-2]]
     batch = lead[0] if len(lead) >= 2 else 1
     heads = lead[-1] if lead else 1
-    return SiteShape(batch, heads, heads, _dim(s[-2]), _dim(s[-1]), 0, 0)
+    return SiteShape(batch, heads, heads, _dim(s[-2]), _dim(s[-1]), None, None)
 
 
 def _with_mask(shape: SiteShape, kind: str) -> SiteShape:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .build import NodeBuilder
+from .canonical import erase_dead
 from .fqn import module_path
 from .match import Match
 from .table import example
@@ -94,6 +95,7 @@ def _expand_mha(gm: GraphModule, node: Node) -> Optional[str]:
     for user in list(node.users):
         if user.args[1] == 0:
             user.replace_all_uses_with(out)
+    erase_dead(list(node.users) + [node])
     return None
 
 
@@ -191,6 +193,7 @@ def _expand_encoder_layer(gm: GraphModule, node: Node) -> Optional[str]:
         x = norm(b.call(operator.add, x, self_attention(x)), 1)
         x = norm(b.call(operator.add, x, feed_forward(x)), 2)
     node.replace_all_uses_with(x)
+    erase_dead([node])
     return None
 
 

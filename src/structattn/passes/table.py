@@ -54,6 +54,8 @@ _FUNCTIONS: dict[Any, str] = {
     F.dropout: "dropout", torch.dropout: "dropout_t",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
     operator.add: "add", torch.add: "add",
+    # augmented assignment on a fresh tensor: dynamo rebinds the name to the result
+    operator.imul: "mul", operator.itruediv: "div", operator.iadd: "add",
     torch.masked_fill: "masked_fill", torch.where: "where",
     torch.transpose: "transpose", torch.swapaxes: "transpose", torch.swapdims: "transpose",
     torch.permute: "permute",
