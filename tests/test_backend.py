@@ -167,3 +167,22 @@ def test_report_views():
     assert any("softmax" in a["target"] for _, a in before.nodes(data=True))
     assert report.to_dot().startswith("digraph") and report.to_dot().count("fillcolor") == 2
     assert isinstance(report.graph_before, torch.fx.GraphModule) and isinstance(report.graph_after, torch.fx.GraphModule)
+
+
+def test_inductor_dynamic_bert_with_symbolic_scale():
+    # dynamic=True turns BERT's float `scaling` attribute into a graph input read by .item():
+    # the scale is folded into q and the site is still rewritten
+    cfg = transformers.BertConfig(num_hidden_layers=1, vocab_size=100, hidden_size=32, num_attention_heads=4,
+                                  intermediate_size=64, attn_implementation="eager")
+    model = transformers.BertModel(cfg).eval()
+    compiled = torch.compile(model, backend="structattn", options={"method": "exact", "compiler": "aot_eager"}, dynamic=True)
+    with torch.no_grad():
+        for n in (9, 21):
+            ids = torch.randint(0, 100, (2, n))
+            mask = torch.ones(2, n, dtype=torch.long)
+            mask[1, n // 2:] = 0
+            keep = mask.bool()
+            out = compiled(ids, attention_mask=mask).last_hidden_state
+            ref = model(ids, attention_mask=mask).last_hidden_state
+            assert rel_err(out[keep], ref[keep]) < 1e-5
+    assert [s.rewritten for s in structattn.last_report().sites] == [True]

@@ -127,8 +127,6 @@ def _walk_scores(m: Match, x: Any, consumer: Node) -> Optional[str]:
                     return f"the scores are scaled by {number}, not a positive number"
                 post_scale *= number
             elif _is_scalar(factor):
-                if m.masks:
-                    return "a scale computed in the graph and applied after a mask is not supported"
                 # a symbolic or tensor-valued scale: folded into q (softmax(s q.k) is the same)
                 m.scale_nodes += ((factor, name),)
             else:
@@ -143,6 +141,8 @@ def _walk_scores(m: Match, x: Any, consumer: Node) -> Optional[str]:
             if not isinstance(mask, Node):
                 x = chain  # adding a constant does not change softmax
                 continue
+            if m.scale_nodes:
+                return "an additive mask applied before a scale computed in the graph is not supported"
             m.masks.append(MaskTerm(mask, "additive", post_scale))
             x = chain
             continue
