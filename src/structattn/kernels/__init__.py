@@ -11,7 +11,7 @@ import os
 from typing import Any, Callable, Optional
 
 #: method name -> module (in this package) exposing ``supports(...)`` and ``forward(...)``
-KERNEL_MODULES: dict[str, str] = {}
+KERNEL_MODULES: dict[str, str] = {"monarch": "monarch", "mra": "mra", "topk": "topk"}
 
 
 def interpreting() -> bool:

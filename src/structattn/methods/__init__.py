@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from .base import Method, SiteShape, MASK_KINDS, exact_flops
 from .exact import ExactMethod
+from .monarch import MonarchMethod
+from .mra import MraMethod
+from .topk import TopkMethod
 
 REGISTRY: dict[str, Method] = {}
 
@@ -24,5 +27,8 @@ def get_method(name: str) -> Method:
 
 
 register(ExactMethod())
+register(MonarchMethod())
+register(MraMethod())
+register(TopkMethod())
 
 __all__ = ["Method", "SiteShape", "MASK_KINDS", "REGISTRY", "register", "get_method", "exact_flops"]

@@ -217,45 +217,43 @@ def _scores_operands(m: Match, call: Call) -> Optional[str]:
     return None
 
 
-def _is_last_two_transpose(node: Any) -> bool:
-    """Does ``node`` move its source's last axis away from the last position (q^T)?"""
+def _as_permutation(node: Any) -> Optional[tuple]:
+    """``(source, perm)`` when ``node`` is ``source`` transposed / permuted (``.mT`` included)."""
     call = canonical(node)
     val = example(node)
-    if call is None or val is None:
-        return False
+    if call is None or val is None or call.name not in ("transpose", "permute"):
+        return None
     rank = val.dim()
-    if call.name == "transpose":
-        d0, d1 = call.get("dim0"), call.get("dim1")
-        return isinstance(d0, int) and isinstance(d1, int) and (rank - 1) in (d0 % rank, d1 % rank) and d0 % rank != d1 % rank
     if call.name == "permute":
-        perm = call.get("dims", ())
-        return len(perm) == rank and perm[-1] % rank != rank - 1
-    return False
+        perm = tuple(p % rank for p in call.get("dims", ()) if isinstance(p, int))
+        return (call.get("input"), perm) if sorted(perm) == list(range(rank)) else None
+    d0, d1 = call.get("dim0"), call.get("dim1")
+    if not isinstance(d0, int) or not isinstance(d1, int):
+        return None
+    perm = list(range(rank))
+    perm[d0 % rank], perm[d1 % rank] = perm[d1 % rank], perm[d0 % rank]
+    return call.get("input"), tuple(perm)
+
+
+def _is_last_two_transpose(node: Any) -> bool:
+    """Does ``node`` move its source's last axis away from the last position (q^T)?"""
+    found = _as_permutation(node)
+    return found is not None and found[1][-1] != len(found[1]) - 1
 
 
 def _untranspose(node: Any) -> Optional[Operand]:
-    """If ``node`` = X transposed on its last two dims, the operand that yields X^T^T = K."""
-    call = canonical(node)
-    val = example(node)
-    if call is None or val is None:
+    """If ``node`` = X permuted so that its last two axes are swapped relative to some K
+    (``node = K^T``), the operand that yields K: X itself, or X with the complementary permute."""
+    found = _as_permutation(node)
+    if found is None:
         return None
-    rank = val.dim()
-    if call.name == "transpose":
-        d0, d1 = call.get("dim0"), call.get("dim1")
-        if d0 is None or d1 is None:
-            return None
-        if sorted((d0 % rank, d1 % rank)) == [rank - 2, rank - 1]:
-            return Operand(call.get("input"))
-        return None
-    if call.name == "permute":
-        perm = tuple(p % rank for p in call.get("dims", ()))
-        if len(perm) != rank:
-            return None
-        if perm == tuple(range(rank - 2)) + (rank - 1, rank - 2):
-            return Operand(call.get("input"))
-        swapped = perm[:-2] + (perm[-1], perm[-2])
-        return Operand(call.get("input"), permute=swapped)
-    return None
+    src, perm = found
+    rank = len(perm)
+    if perm[-1] == rank - 1:
+        return None  # the contracted axis of the key operand did not move: not a transpose of K
+    if perm == tuple(range(rank - 2)) + (rank - 1, rank - 2):
+        return Operand(src)
+    return Operand(src, permute=perm[:-2] + (perm[-1], perm[-2]))
 
 
 def _einsum_scores(m: Match, call: Call) -> Optional[str]:

@@ -1,0 +1,43 @@
+"""MRA pooling + block selection in Triton vs the reference's ``mra_select`` (TRITON_INTERPRET=1)."""
+import pytest
+import torch
+
+from structattn.kernels import mra_select as KS
+from structattn.methods.mra import MraParams, mra_select
+
+from kernels_testlib import qkv
+
+
+def _selected(sel):
+    """Selected block ids per query block, -1 for unused slots, as sorted rows."""
+    return torch.where(sel.block_valid, sel.block_idx, -1).sort(-1).values
+
+
+@pytest.mark.parametrize(
+    "B,H,Hk,nq,nk,b,r,causal,mask",
+    [
+        (1, 2, 2, 70, 70, 8, 3, False, None),      # padding in the last block
+        (2, 4, 2, 64, 64, 8, 4, True, "bool"),     # GQA, causal + key padding
+        (1, 2, 1, 50, 90, 16, 2, False, "float"),  # cross attention, additive bias, masked block
+        (1, 1, 1, 33, 33, 8, 10, True, None),      # budget above the number of blocks
+    ],
+)
+def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask):
+    q, k, _ = qkv(B, H, Hk, nq, nk, 16, 16, torch.float32, transposed=True)
+    if mask == "bool":
+        mask = torch.ones(B, 1, 1, nk, dtype=torch.bool)
+        mask[-1, ..., nk - 20:] = False
+    elif mask == "float":
+        mask = torch.randn(B, 1, 1, nk)
+        mask[..., :b] = float("-inf")  # a fully masked key block: never a candidate
+    p = MraParams(block_size=b, blocks_per_row=r)
+    got, ref = KS.select(q, k, mask, 0.3, causal, p), mra_select(q, k, mask, 0.3, causal, p)
+    assert torch.equal(_selected(got), _selected(ref))
+    assert torch.equal(got.block_valid, ref.block_valid)
+    assert torch.equal(got.pooled_logits.isinf(), ref.pooled_logits.isinf())
+    finite = ~ref.pooled_logits.isinf()
+    torch.testing.assert_close(got.pooled_logits[finite], ref.pooled_logits.float()[finite], rtol=1e-5, atol=1e-5)
+    if causal:  # the diagonal block comes first wherever it has a valid key
+        diag = torch.arange(got.block_idx.shape[2]).view(1, 1, -1).expand_as(got.block_idx[..., 0])
+        has_keys = got.count.gather(-1, diag) > 0
+        assert torch.equal(got.block_idx[..., 0][has_keys], diag[has_keys])
