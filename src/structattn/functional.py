@@ -23,25 +23,39 @@ def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
               is_causal: bool = False, *, impl: str = "auto", **params) -> torch.Tensor:
     """Attention by the registered method ``method`` with its ``params`` (validated)."""
-    m = get_method(method)
-    p = m.make_params(params, where=f"{method}_attention")
     what = f"structattn.functional.{method}_attention"
-    check_inputs(q, k, v, attn_mask, what)
     if impl not in IMPLS:
         raise ValueError(f"{what}: impl must be one of {list(IMPLS)}; got {impl!r}")
+    pargs = _param_args(method, tuple(sorted(params.items())))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if not torch.compiler.is_compiling():
+        # eager only: under torch.compile the op's fake impl checks the inputs, and the method's
+        # forward raises for a mask or causal flag it cannot serve
+        check_inputs(q, k, v, attn_mask, what)
+        _check_supported(method, q, k, v, attn_mask, is_causal, pargs, what)
+    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, *pargs)
+
+
+@torch.compiler.assume_constant_result
+def _param_args(method: str, items: tuple) -> tuple:
+    """Validated parameter values in op-schema order (a constant for dynamo: no graph break)."""
+    m = get_method(method)
+    return op_args(m, m.make_params(dict(items), where=f"{method}_attention"))
+
+
+def _check_supported(method: str, q, k, v, attn_mask, is_causal: bool, pargs: tuple, what: str) -> None:
     from .methods.base import SiteShape
 
+    m = get_method(method)
     site = SiteShape(
         batch=q.shape[0], num_heads=q.shape[1], num_kv_heads=k.shape[1], q_len=q.shape[2],
         kv_len=k.shape[2], head_dim=q.shape[3], v_head_dim=v.shape[3],
         mask=_mask_kind(attn_mask, is_causal), dtype=q.dtype,
     )
-    reason = m.supports(site, p)
+    reason = m.supports(site, m.Params(*pargs))
     if reason is not None:
         raise ValueError(f"{what}: {reason}")
-    return op_for(m)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, *op_args(m, p))
 
 
 def _mask_kind(attn_mask: Optional[torch.Tensor], is_causal: bool) -> str:

@@ -170,3 +170,14 @@ def test_no_dense_n_by_n_intermediate(seed, name, kw, bound):
         out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
     assert mode.largest <= bound(n) < n * n, mode.largest
+
+
+@pytest.mark.parametrize("name,kwargs", [("monarch_attention", {"num_steps": 2}), ("mra_attention", {"block_size": 4}),
+                                         ("topk_attention", {"k": 4})])
+def test_functional_compiles_without_graph_breaks(name, kwargs):
+    import structattn.functional as SF
+
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    fn = getattr(SF, name)
+    compiled = torch.compile(lambda q, k, v: fn(q, k, v, **kwargs), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v, **kwargs))
