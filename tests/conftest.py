@@ -1,6 +1,14 @@
 """Shared fixtures: a poison method that proves a site really runs through structattn's op."""
 from __future__ import annotations
 
+import os
+
+# The suite runs on the CPU, where Triton kernels can only run interpreted. Triton decides at
+# import time (for its own @jit library functions too) whether it interprets, so the variable is
+# set before anything imports triton (torch._dynamo does, and structattn imports torch._dynamo).
+# Only impl="triton" on CPU tensors reaches the kernels; everything else is unaffected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from dataclasses import dataclass
 
 import pytest
