@@ -6,6 +6,7 @@
 """
 from . import functional, methods
 from .backend import register
+from .calibrate import calibrate
 from .config import Config
 from .explain import explain
 from .lowering import register_all as _register_all
@@ -13,5 +14,5 @@ from .report import Report, Site, last_report
 
 _register_all()
 
-__all__ = ["Config", "Report", "Site", "explain", "functional", "last_report", "methods", "register"]
+__all__ = ["Config", "Report", "Site", "calibrate", "explain", "functional", "last_report", "methods", "register"]
 __version__ = "0.1.0"

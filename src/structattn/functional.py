@@ -84,14 +84,16 @@ def monarch_attention(q, k, v, attn_mask=None, scale=None, *, block_size=None, n
 
 
 def mra_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, block_size=32,
-                  blocks_per_row=4, variant="mra2", impl="auto"):
+                  blocks_per_row=4, variant="mra2", sink_blocks=0, impl="auto"):
     """MRA-2 multi-resolution attention (Zeng et al. 2022).
 
     Exact scores in the ``blocks_per_row`` highest-scoring key blocks of each query block, pooled
-    block averages elsewhere (``variant="mra2"``) or nothing elsewhere (``"mra2s"``).
+    block averages elsewhere (``variant="mra2"``) or nothing elsewhere (``"mra2s"``). The first
+    ``sink_blocks`` key blocks are always among the selected (after the causal diagonal): causal
+    LMs park attention on their first tokens, which a pooled block average cannot represent.
     """
-    return attention("mra", q, k, v, attn_mask, scale, is_causal, impl=impl,
-                     block_size=block_size, blocks_per_row=blocks_per_row, variant=variant)
+    return attention("mra", q, k, v, attn_mask, scale, is_causal, impl=impl, block_size=block_size,
+                     blocks_per_row=blocks_per_row, variant=variant, sink_blocks=sink_blocks)
 
 
 def topk_attention(q, k, v, /, attn_mask=None, scale=None, is_causal=False, *, chunk_size=1024, impl="auto", **kw):

@@ -17,21 +17,22 @@ def _ref(q, k, v, mask, scale, causal, p):
 
 
 @pytest.mark.parametrize(
-    "nq,nk,b,r,variant,causal,mask,dtype",
+    "nq,nk,b,r,variant,causal,mask,dtype,sink",
     [
-        (70, 70, 16, 2, "mra2", False, None, torch.float32),      # N % b != 0, GQA
-        (70, 70, 8, 3, "mra2", True, "bool", torch.float32),      # causal + key padding
-        (40, 60, 10, 2, "mra2", False, "float", torch.float16),   # cross, additive mask, fp16
-        (70, 70, 16, 2, "mra2s", True, None, torch.float16),      # sparse variant, causal
+        (70, 70, 16, 2, "mra2", False, None, torch.float32, 0),      # N % b != 0, GQA
+        (70, 70, 8, 3, "mra2", True, "bool", torch.float32, 0),      # causal + key padding
+        (40, 60, 10, 2, "mra2", False, "float", torch.float16, 0),   # cross, additive mask, fp16
+        (70, 70, 16, 2, "mra2s", True, None, torch.float16, 0),      # sparse variant, causal
+        (70, 70, 8, 3, "mra2", True, None, torch.float32, 1),        # causal with a sink block
     ],
 )
-def test_matches_reference(nq, nk, b, r, variant, causal, mask, dtype):
+def test_matches_reference(nq, nk, b, r, variant, causal, mask, dtype, sink):
     q, k, v = qkv(1, 4, 2, nq, nk, 16, 32, dtype)
     if mask == "bool":
         mask = torch.rand(1, 1, 1, nk) > 0.3
     elif mask == "float":
         mask = torch.randn(1, 4, 1, nk)
-    p = MraParams(block_size=b, blocks_per_row=r, variant=variant)
+    p = MraParams(block_size=b, blocks_per_row=r, variant=variant, sink_blocks=sink)
     out = K.forward(q, k, v, mask, 0.3, causal, p, out=poisoned(1, 4, nq, 32, dtype))
     check(out, _ref(q, k, v, mask, 0.3, causal, p), dtype)
 

@@ -14,15 +14,17 @@ def _selected(sel):
 
 
 @pytest.mark.parametrize(
-    "B,H,Hk,nq,nk,b,r,causal,mask",
+    "B,H,Hk,nq,nk,b,r,causal,mask,sink",
     [
-        (1, 2, 2, 70, 70, 8, 3, False, None),      # padding in the last block
-        (2, 4, 2, 64, 64, 8, 4, True, "bool"),     # GQA, causal + key padding
-        (1, 2, 1, 50, 90, 16, 2, False, "float"),  # cross attention, additive bias, masked block
-        (1, 1, 1, 33, 33, 8, 10, True, None),      # budget above the number of blocks
+        (1, 2, 2, 70, 70, 8, 3, False, None, 0),      # padding in the last block
+        (2, 4, 2, 64, 64, 8, 4, True, "bool", 0),     # GQA, causal + key padding
+        (1, 2, 1, 50, 90, 16, 2, False, "float", 0),  # cross attention, additive bias, masked block
+        (1, 1, 1, 33, 33, 8, 10, True, None, 0),      # budget above the number of blocks
+        (1, 2, 1, 64, 64, 8, 3, True, None, 2),       # sink blocks after the causal diagonal
+        (1, 2, 1, 50, 90, 16, 3, False, "float", 2),  # a sink block with no valid key is skipped
     ],
 )
-def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask):
+def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask, sink):
     q, k, _ = qkv(B, H, Hk, nq, nk, 16, 16, torch.float32, transposed=True)
     if mask == "bool":
         mask = torch.ones(B, 1, 1, nk, dtype=torch.bool)
@@ -30,7 +32,7 @@ def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask):
     elif mask == "float":
         mask = torch.randn(B, 1, 1, nk)
         mask[..., :b] = float("-inf")  # a fully masked key block: never a candidate
-    p = MraParams(block_size=b, blocks_per_row=r)
+    p = MraParams(block_size=b, blocks_per_row=r, sink_blocks=sink)
     got, ref = KS.select(q, k, mask, 0.3, causal, p), mra_select(q, k, mask, 0.3, causal, p)
     assert torch.equal(_selected(got), _selected(ref))
     assert torch.equal(got.block_valid, ref.block_valid)

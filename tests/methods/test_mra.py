@@ -18,7 +18,7 @@ METHOD = get_method("mra")
 # ----------------------------------------------------------------------------------------------
 # Independent float64 implementation: explicit loops over query rows, selection by sorting.
 # ----------------------------------------------------------------------------------------------
-def naive_mra_head(q, k, v, bias, scale, causal, b, r_budget, variant):
+def naive_mra_head(q, k, v, bias, scale, causal, b, r_budget, variant, sink=0):
     Nq, Nk = q.shape[0], k.shape[0]
     b = min(b, max(Nq, Nk))
     Mq, Mk = math.ceil(Nq / b), math.ceil(Nk / b)
@@ -39,6 +39,7 @@ def naive_mra_head(q, k, v, bias, scale, causal, b, r_budget, variant):
         cand = [j for j in range(Mk) if count[j] > 0 and (not causal or j <= i)]
         r = min(r_budget, Mk)
         order = sorted(cand, key=lambda j: -float(lhat[j]))
+        order = [j for j in order if j < sink] + [j for j in order if j >= sink]
         if causal and i in cand:
             order = [i] + [j for j in order if j != i]
         chosen = order[:r]
@@ -65,7 +66,7 @@ def naive_mra_head(q, k, v, bias, scale, causal, b, r_budget, variant):
     return out
 
 
-def naive_mra(q, k, v, attn_mask, scale, causal, b, r, variant):
+def naive_mra(q, k, v, attn_mask, scale, causal, b, r, variant, sink=0):
     B, H, Nq, _ = q.shape
     G = H // k.shape[1]
     out = torch.zeros(B, H, Nq, v.shape[-1], dtype=torch.float64)
@@ -73,7 +74,7 @@ def naive_mra(q, k, v, attn_mask, scale, causal, b, r, variant):
         for h in range(H):
             bias = key_bias_1d(attn_mask, B, H, bi, h, k.shape[2])
             out[bi, h] = naive_mra_head(q[bi, h].double(), k[bi, h // G].double(), v[bi, h // G].double(),
-                                        bias, scale, causal, b, r, variant)
+                                        bias, scale, causal, b, r, variant, sink)
     return out
 
 
@@ -114,6 +115,28 @@ def test_matches_independent_float64_implementation(seed, Nq, Nk, b, r, causal, 
     ref = naive_mra(q, k, v, am, 0.6, causal, b, r, variant)
     assert not out.isnan().any()
     assert rel_err(out, ref) < 1e-10
+
+
+@pytest.mark.parametrize("sink", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sink_blocks_match_independent_implementation(seed, sink, causal):
+    Nq = Nk = 29
+    b, r = 4, 3
+    q, k, v = make_qkv(B=1, H=2, Hk=1, Nq=Nq, Nk=Nk, D=5, Dv=3, seed=seed, spread=2.0)
+    am = key_padding(1, Nk, seed, heads=2, p_keep=0.7)
+    am[0, 0, 0, :b] = False  # head 0: the sink block has no valid key, so it is not a candidate
+    params = MraParams(block_size=b, blocks_per_row=r, sink_blocks=sink)
+    out = mra_forward(q, k, v, am, 0.6, causal, params)
+    ref = naive_mra(q, k, v, am, 0.6, causal, b, r, "mra2", sink)
+    assert rel_err(out, ref) < 1e-10
+    sel = mra_select(q, k, am, 0.6, causal, params)
+    chosen = torch.where(sel.block_valid, sel.block_idx, -1)
+    for i in range(chosen.shape[2]):
+        for j in range(min(sink, i + 1 if causal else sink)):
+            assert (j in chosen[0, 1, i].tolist()) == (sel.count[0, 1 % sel.count.shape[1], j] > 0)
+        assert 0 not in chosen[0, 0, i].tolist()
+    # the sinks change the answer: without them the selection differs somewhere
+    assert rel_err(mra_forward(q, k, v, am, 0.6, causal, MraParams(b, r)), ref) > 1e-6
 
 
 def test_soft_float_key_bias_enters_low_resolution(seed):

@@ -9,7 +9,8 @@ their validity, the pooled-branch logits, key bias and keep weights), with the s
 2. ``_lowres_kernel`` (grid Mq/BM x Mk/BN x B*H): low-resolution logits
    ``s * q_hat k_hat^T + mean_bias`` on candidates (count > 0; causal: key block <= query block),
    written twice: as the selection score (the causal diagonal forced to +inf so it is always
-   chosen first) and as the pooled branch's logit ``lowres + log count`` (-inf off candidates).
+   chosen first, then the ``sink_blocks`` first blocks at 3e38) and as the pooled branch's logit
+   ``lowres + log count`` (-inf off candidates).
    The product is an IEEE fp32 ``tl.dot`` so the scores match torch's fp32 matmul to rounding.
 3. ``_topr_kernel`` (grid Mq x B*H): each row's r best blocks by r rounds of max / first argmax
    over the row held in registers; chosen blocks get pooled logit -inf.
@@ -86,7 +87,7 @@ def _pool_qk_kernel(
 @triton.jit
 def _lowres_kernel(
     QHAT, KHAT, COUNT, MEANB, SCORE, POOLED,
-    MQ, MK, D, scale,
+    MQ, MK, D, scale, SINK,
     DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -105,9 +106,10 @@ def _lowres_kernel(
     if CAUSAL:
         cand = cand & (rj[None, :] <= ri[:, None])
     lowres = tl.where(cand, s, float("-inf"))
-    score = lowres
+    # sink blocks just below +inf, so the causal diagonal stays first
+    score = tl.where(cand & (rj[None, :] < SINK), 3.0e38, lowres)
     if CAUSAL:
-        score = tl.where(cand & (rj[None, :] == ri[:, None]), float("inf"), lowres)
+        score = tl.where(cand & (rj[None, :] == ri[:, None]), float("inf"), score)
     pooled = tl.where(cand, lowres + tl.log(tl.maximum(count, 1.0))[None, :], float("-inf"))
     offs = (bh * MQ + ri[:, None]) * MK + rj[None, :]
     inb = (ri < MQ)[:, None] & (rj < MK)[None, :]
@@ -173,7 +175,7 @@ def select(q, k, attn_mask, scale, is_causal, params):
     score, pooled = torch.empty(BH, MQ, MK, **f32), torch.empty(BH, MQ, MK, **f32)
     BM = BN = 32 if DP > 64 else 64
     _lowres_kernel[(triton.cdiv(MQ, BM), triton.cdiv(MK, BN), BH)](
-        qhat, khat, count, meanb, score, pooled, MQ, MK, D, float(scale),
+        qhat, khat, count, meanb, score, pooled, MQ, MK, D, float(scale), int(params.sink_blocks),
         DP=DP, BM=BM, BN=BN, CAUSAL=bool(is_causal), num_warps=4,
     )
     R = min(params.blocks_per_row, MK)

@@ -49,11 +49,14 @@ CHUNK_ELEMS = 1 << 21
 
 @dataclass(frozen=True)
 class MraParams:
-    """``block_size`` b; ``blocks_per_row`` r (exact key blocks per query block); ``variant``."""
+    """``block_size`` b; ``blocks_per_row`` r (exact key blocks per query block); ``variant``;
+    ``sink_blocks``: the first key blocks always selected (within the r), for causal LMs whose
+    heads park mass on the first tokens ("attention sinks"), which mean pooling dilutes."""
 
     block_size: int = 32
     blocks_per_row: int = 4
     variant: str = "mra2"
+    sink_blocks: int = 0
 
 
 class MraSelection(NamedTuple):
@@ -174,6 +177,10 @@ def mra_select(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tenso
     neg_inf = torch.tensor(float("-inf"), dtype=cdt, device=dev)
     lowres = torch.where(cand, lowres, neg_inf)
     score = lowres.detach()
+    if params.sink_blocks:
+        # below +inf so the causal diagonal stays slot 0
+        big = torch.tensor(torch.finfo(cdt).max, dtype=cdt, device=dev)
+        score = torch.where(cand & (jk < params.sink_blocks), big, score)
     if is_causal:
         score = torch.where(cand & (jk == iq), torch.tensor(float("inf"), dtype=cdt, device=dev), score)
     r = min(params.blocks_per_row, mk)
@@ -326,6 +333,8 @@ class MraMethod(Method):
             raise ValueError(f"{where}.block_size must be an int >= 1; got {params.block_size!r}")
         if params.blocks_per_row < 1:
             raise ValueError(f"{where}.blocks_per_row must be an int >= 1; got {params.blocks_per_row!r}")
+        if params.sink_blocks < 0:
+            raise ValueError(f"{where}.sink_blocks must be an int >= 0; got {params.sink_blocks!r}")
         if params.variant not in VARIANTS:
             raise ValueError(f"{where}.variant must be one of {list(VARIANTS)}; got {params.variant!r}")
 
