@@ -604,6 +604,8 @@ def plot(rows: list[dict], name: str, metric: str, ylabel: str, target: Optional
                 ax.plot([r["flop_fraction"] for r in part], [r[metric] for r in part], marker="^",
                         linestyle="none", color=color, alpha=0.6, label=f"{fam} (layer subsets)")
         ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        if metric == "ppl_ratio":
+            ax.set_yscale("log")      # a few bad settings triple perplexity; the interesting band is 1-1.1
         if target is not None:
             ax.axhline(target, color="tab:red", linewidth=0.8, linestyle=":")
         ax.set_xlabel("attention FLOPs / exact (report's FLOP model)")
