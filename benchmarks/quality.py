@@ -561,13 +561,16 @@ def markdown(rows: list[dict], model: str) -> str:
                          f"{r['lee_spearman']:.3f}"]
     else:
         head = ["window", "config", "layers", "attn FLOPs", "causal-aware", "perplexity", "vs exact", "top-1 agree"]
-        fmt = lambda r: [str(r["seq_len"]), r["label"].split(" [")[0] if r["method"] != "calibrated" else
-                         f"{r['label']}: {r['params']}", r["layers"],
-                         f"{100 * r['flop_fraction']:.1f}%" if r.get("flop_fraction") != "" else "n/a",
-                         f"{100 * r['causal_flop_fraction']:.1f}%" if "ppl" in r else "",
-                         f"{r['ppl']:.2f}" if "ppl" in r else r.get("note", ""),
-                         f"{100 * (r['ppl_ratio'] - 1):+.1f}%" if "ppl" in r else "",
-                         f"{r['top1_agree']:.3f}" if "ppl" in r else ""]
+
+        def fmt(r):      # rows read back from the CSV have "" for a skipped configuration's numbers
+            ok = r.get("ppl") not in (None, "")
+            return [str(r["seq_len"]), r["label"].split(" [")[0] if r["method"] != "calibrated" else
+                    f"{r['label']}: {r['params']}", r["layers"],
+                    f"{100 * r['flop_fraction']:.1f}%" if ok else "n/a",
+                    f"{100 * r['causal_flop_fraction']:.1f}%" if ok else "",
+                    f"{r['ppl']:.2f}" if ok else r.get("note", ""),
+                    f"{100 * (r['ppl_ratio'] - 1):+.1f}%" if ok else "",
+                    f"{r['top1_agree']:.3f}" if ok else ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(fmt(r)) + " |" for r in rows]
     return "\n".join(lines)
