@@ -186,3 +186,27 @@ def test_inductor_dynamic_bert_with_symbolic_scale():
             ref = model(ids, attention_mask=mask).last_hidden_state
             assert rel_err(out[keep], ref[keep]) < 1e-5
     assert [s.rewritten for s in structattn.last_report().sites] == [True]
+
+
+class CausalSdpa(nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_mra_sink_blocks_reach_the_op_through_options():
+    """options['mra'] params (here the attention-sink block) reach the rewritten op unchanged."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    k[..., :4, :] *= 3.0          # a strong first key block, as a causal LM's sink
+    params = {"block_size": 4, "blocks_per_row": 2}
+    from structattn import functional as SF
+    outs = {}
+    for sink in (0, 1):
+        torch._dynamo.reset()
+        compiled = torch.compile(CausalSdpa(), backend="structattn",
+                                 options={"method": "mra", "mra": {**params, "sink_blocks": sink}, "compiler": "eager"})
+        outs[sink] = compiled(q, k, v)
+        assert structattn.last_report().sites[0].params["sink_blocks"] == sink
+        ref = SF.mra_attention(q, k, v, is_causal=True, **params, sink_blocks=sink)
+        assert rel_err(outs[sink], ref) < 1e-6
+    assert rel_err(outs[0], outs[1]) > 1e-3

@@ -28,7 +28,7 @@ def test_signatures_follow_design():
     sig = inspect.signature(SF.mra_attention)
     assert list(sig.parameters)[:6] == ["q", "k", "v", "attn_mask", "scale", "is_causal"]
     assert (sig.parameters["block_size"].default, sig.parameters["blocks_per_row"].default,
-            sig.parameters["variant"].default) == (32, 4, "mra2")
+            sig.parameters["variant"].default, sig.parameters["sink_blocks"].default) == (32, 4, "mra2", 0)
     sig = inspect.signature(SF.topk_attention)
     assert list(sig.parameters)[:6] == ["q", "k", "v", "attn_mask", "scale", "is_causal"]
     assert sig.parameters["chunk_size"].default == 1024
@@ -74,6 +74,7 @@ def test_default_params_run_and_are_finite(seed, name):
     (lambda q: SF.mra_attention(q, q, q, block_size=0), "block_size"),
     (lambda q: SF.mra_attention(q, q, q, blocks_per_row=0), "blocks_per_row"),
     (lambda q: SF.mra_attention(q, q, q, variant="mra3"), "variant"),
+    (lambda q: SF.mra_attention(q, q, q, sink_blocks=-1), "sink_blocks"),
     (lambda q: SF.topk_attention(q, q, q, k=0), ".k"),
     (lambda q: SF.topk_attention(q, q, q, chunk_size=0), "chunk_size"),
 ])
