@@ -52,7 +52,6 @@ import torch.nn.functional as F  # noqa: E402
 import structattn  # noqa: E402
 from structattn import backend as _backend  # noqa: E402
 from structattn.lowering import routed  # noqa: E402
-from structattn.lowering.ops import run_method  # noqa: E402
 from structattn.methods import SiteShape, exact_flops, get_method  # noqa: E402
 from structattn.report import Report  # noqa: E402
 
@@ -119,11 +118,7 @@ class RoutedModel:
                 routed.route(site.route_key, None)
                 continue
             method = get_method(choice[0])
-            params = method.make_params(choice[1])
-
-            def fn(q, k, v, mask, scale, is_causal, method=method, params=params):
-                return run_method(method, q, k, v, mask, scale, is_causal, 0, "auto", params)
-            routed.route(site.route_key, fn)
+            routed.route(site.route_key, routed.method_route(method, method.make_params(choice[1])))
 
     def clear(self) -> None:
         for site in self.sites:

@@ -539,7 +539,7 @@ def calibrate(
         if not e2e:
             picks = [0 for _ in choices]      # the front holds only candidates within layer_error
         else:
-            evaluator = _Evaluator(compiled, samples, choices, groups, routed, run_method, min_seq_len, impl,
+            evaluator = _Evaluator(compiled, samples, choices, groups, routed, min_seq_len, impl,
                                    output_fn, metric_fn, exact_outputs, budget, exact_total, evaluations)
             limit = max_evals if max_evals is not None else 2 * len(choices) + 12
             picks, metrics = _search(choices, evaluator, limit, progress)
@@ -742,10 +742,10 @@ def _pareto(measured: list, cap: Optional[float]) -> list:
 class _Evaluator:
     """Runs the routed model end to end for one per-layer choice (indices into each front)."""
 
-    def __init__(self, compiled, samples, choices, groups, routed, run_method, min_seq_len, impl, output_fn,
+    def __init__(self, compiled, samples, choices, groups, routed, min_seq_len, impl, output_fn,
                  metric_fn, exact_outputs, budget, exact_total, log):
         self.compiled, self.samples, self.choices, self.groups = compiled, samples, choices, groups
-        self.routed, self.run_method, self.min_seq_len, self.impl = routed, run_method, min_seq_len, impl
+        self.routed, self.min_seq_len, self.impl = routed, min_seq_len, impl
         self.output_fn, self.metric_fn, self.exact_outputs = output_fn, metric_fn, exact_outputs
         self.budget, self.exact_total, self.log = budget, exact_total, log
         self.cache: dict = {}
@@ -771,7 +771,8 @@ class _Evaluator:
             cand = c.front[i]
             fn = None
             if cand.method != "exact":
-                fn = self._route(get_method(cand.method), get_method(cand.method).make_params(cand.params))
+                method = get_method(cand.method)
+                fn = self.routed.method_route(method, method.make_params(cand.params), self.min_seq_len, self.impl)
             for key in self.groups[c.layer]:
                 self.routed.route(key, fn)
         outs = []
@@ -811,13 +812,6 @@ class _Evaluator:
     def _inputs(s):
         args, kwargs = s
         return kwargs if kwargs and not args else args if args and not kwargs else (args, kwargs)
-
-    def _route(self, method, params):
-        run, msl, impl = self.run_method, self.min_seq_len, self.impl
-
-        def fn(q, k, v, mask, scale, is_causal):
-            return run(method, q, k, v, mask, scale, is_causal, msl, impl, params)
-        return fn
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ def _softmax0(x, dim):
     return torch.where(s > 0, e / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(e))
 
 
-def exact(q, k, v, attn_mask=None, scale=None, is_causal=False):
+def _dense_scores(q, k, v, attn_mask, scale, is_causal):
+    """float64 masked scores [B, H, nq, nk] and the per-query-head values."""
     q, k, v = (t.double() for t in (q, k, v))
     B, H, nq, D = q.shape
     nk = k.shape[2]
@@ -39,6 +40,11 @@ def exact(q, k, v, attn_mask=None, scale=None, is_causal=False):
     s = scale * q @ k.transpose(-1, -2) + additive_mask(attn_mask, B, H, nq, nk)
     if is_causal:
         s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(), float("-inf"))
+    return s, v
+
+
+def exact(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    s, v = _dense_scores(q, k, v, attn_mask, scale, is_causal)
     return _softmax0(s, -1) @ v
 
 
@@ -81,15 +87,8 @@ def monarch(q, k, v, attn_mask=None, scale=None, block_size=None, num_steps=1):
 
 
 def topk(q, k, v, attn_mask=None, scale=None, is_causal=False, kk=64):
-    q, k, v = (t.double() for t in (q, k, v))
-    B, H, nq, D = q.shape
-    nk = k.shape[2]
-    k, v = _expand_kv(k, H), _expand_kv(v, H)
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    s = scale * q @ k.transpose(-1, -2) + additive_mask(attn_mask, B, H, nq, nk)
-    if is_causal:
-        s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(), float("-inf"))
-    kk = min(kk, nk)
+    s, v = _dense_scores(q, k, v, attn_mask, scale, is_causal)
+    kk = min(kk, s.shape[-1])
     vals, idx = s.topk(kk, dim=-1)
     keep = torch.full_like(s, float("-inf")).scatter(-1, idx, vals)
     return _softmax0(keep, -1) @ v

@@ -56,6 +56,19 @@ def key_bias_1d(attn_mask, B: int, H: int, b: int, h: int, nk: int) -> torch.Ten
     return row.double()
 
 
+def per_head(head_fn, q, k, v, attn_mask, *args) -> torch.Tensor:
+    """Apply a single-head float64 oracle ``head_fn(q, k, v, key_bias, *args) -> [Nq, Dv]`` to every
+    (batch, query head), with the query head's kv head (GQA) and its per-key mask bias."""
+    B, H, Nq, _ = q.shape
+    G = H // k.shape[1]
+    out = torch.zeros(B, H, Nq, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            bias = key_bias_1d(attn_mask, B, H, b, h, k.shape[2])
+            out[b, h] = head_fn(q[b, h].double(), k[b, h // G].double(), v[b, h // G].double(), bias, *args)
+    return out
+
+
 def make_qkv(B=2, H=4, Hk=2, Nq=16, Nk=None, D=8, Dv=None, dtype=torch.float64, seed=0, spread=1.0):
     """Fresh random q, k, v (seeded per test). ``spread`` scales q to make attention peakier."""
     g = torch.Generator().manual_seed(seed)

@@ -10,7 +10,7 @@ import torch
 from structattn.methods import SiteShape, get_method
 from structattn.methods.monarch import MonarchParams, monarch_blocks, monarch_forward
 
-from methods_testlib import dense_attention, key_bias_1d, key_padding, make_qkv, rel_err
+from methods_testlib import dense_attention, key_bias_1d, key_padding, make_qkv, per_head, rel_err
 
 METHOD = get_method("monarch")
 
@@ -87,15 +87,7 @@ def naive_monarch_head(q, k, v, bias, scale, block_size, steps):
 
 
 def naive_monarch(q, k, v, attn_mask, scale, block_size, steps):
-    B, H, Nq, _ = q.shape
-    G = H // k.shape[1]
-    out = torch.zeros(B, H, Nq, v.shape[-1], dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            bias = key_bias_1d(attn_mask, B, H, b, h, k.shape[2])
-            out[b, h] = naive_monarch_head(q[b, h].double(), k[b, h // G].double(), v[b, h // G].double(),
-                                           bias, scale, block_size, steps)[0]
-    return out
+    return per_head(lambda *a: naive_monarch_head(*a)[0], q, k, v, attn_mask, scale, block_size, steps)
 
 
 def objective(A, S):

@@ -10,7 +10,7 @@ import torch
 from structattn.methods import SiteShape, get_method
 from structattn.methods.mra import MraParams, mra_forward, mra_select
 
-from methods_testlib import dense_attention, key_bias_1d, key_padding, make_qkv, rel_err
+from methods_testlib import dense_attention, key_padding, make_qkv, per_head, rel_err
 
 METHOD = get_method("mra")
 
@@ -67,15 +67,7 @@ def naive_mra_head(q, k, v, bias, scale, causal, b, r_budget, variant, sink=0):
 
 
 def naive_mra(q, k, v, attn_mask, scale, causal, b, r, variant, sink=0):
-    B, H, Nq, _ = q.shape
-    G = H // k.shape[1]
-    out = torch.zeros(B, H, Nq, v.shape[-1], dtype=torch.float64)
-    for bi in range(B):
-        for h in range(H):
-            bias = key_bias_1d(attn_mask, B, H, bi, h, k.shape[2])
-            out[bi, h] = naive_mra_head(q[bi, h].double(), k[bi, h // G].double(), v[bi, h // G].double(),
-                                        bias, scale, causal, b, r, variant, sink)
-    return out
+    return per_head(naive_mra_head, q, k, v, attn_mask, scale, causal, b, r, variant, sink)
 
 
 # ----------------------------------------------------------------------------------------------

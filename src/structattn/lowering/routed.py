@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from ..methods.exact import sdpa
-from .ops import NAMESPACE, check_inputs
+from .ops import NAMESPACE, check_inputs, run_method
 
 #: site key -> fn(q, k, v, attn_mask, scale, is_causal) -> Tensor; missing keys run exact attention
 ROUTES: dict[str, Callable] = {}
@@ -46,3 +46,11 @@ def route(site: str, fn: Optional[Callable]) -> None:
         ROUTES.pop(site, None)
     else:
         ROUTES[site] = fn
+
+
+def method_route(method, params, min_seq_len: int = 0, impl: str = "auto") -> Callable:
+    """A route that runs ``method`` with ``params`` as its rewritten op would (same dispatch)."""
+
+    def fn(q, k, v, attn_mask, scale, is_causal):
+        return run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, params)
+    return fn

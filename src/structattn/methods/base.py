@@ -90,6 +90,14 @@ class Method:
     def validate(self, params: Any, *, where: str) -> None:
         """Raise ValueError naming ``where.key`` when a parameter value is out of range."""
 
+    @staticmethod
+    def require_at_least(params: Any, *, where: str, **minimums: int) -> None:
+        """Raise ValueError naming ``where.key`` for each int parameter below its minimum."""
+        for key, lowest in minimums.items():
+            value = getattr(params, key)
+            if value < lowest:
+                raise ValueError(f"{where}.{key} must be an int >= {lowest}; got {value!r}")
+
     # -- behaviour ---------------------------------------------------------------------------
     def supports(self, site: SiteShape, params: Any) -> Optional[str]:
         """``None`` if this method can serve ``site``, else a one-line reason."""

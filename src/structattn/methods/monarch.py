@@ -371,8 +371,7 @@ class MonarchMethod(Method):
             raise ValueError(
                 f"{where}.block_size must be None (about sqrt(N)) or an int >= 1; got {params.block_size!r}"
             )
-        if params.num_steps < 1:
-            raise ValueError(f"{where}.num_steps must be an int >= 1; got {params.num_steps!r}")
+        self.require_at_least(params, where=where, num_steps=1)
 
     def supports(self, site: SiteShape, params: MonarchParams) -> Optional[str]:
         if site.causal:

@@ -329,12 +329,7 @@ class MraMethod(Method):
     description = "MRA-2 multi-resolution attention (Zeng et al. 2022)"
 
     def validate(self, params: MraParams, *, where: str) -> None:
-        if params.block_size < 1:
-            raise ValueError(f"{where}.block_size must be an int >= 1; got {params.block_size!r}")
-        if params.blocks_per_row < 1:
-            raise ValueError(f"{where}.blocks_per_row must be an int >= 1; got {params.blocks_per_row!r}")
-        if params.sink_blocks < 0:
-            raise ValueError(f"{where}.sink_blocks must be an int >= 0; got {params.sink_blocks!r}")
+        self.require_at_least(params, where=where, block_size=1, blocks_per_row=1, sink_blocks=0)
         if params.variant not in VARIANTS:
             raise ValueError(f"{where}.variant must be one of {list(VARIANTS)}; got {params.variant!r}")
 

@@ -116,10 +116,7 @@ class TopkMethod(Method):
     description = "top-k attention (Gupta et al. 2021), chunked over queries"
 
     def validate(self, params: TopkParams, *, where: str) -> None:
-        if params.k < 1:
-            raise ValueError(f"{where}.k must be an int >= 1; got {params.k!r}")
-        if params.chunk_size < 1:
-            raise ValueError(f"{where}.chunk_size must be an int >= 1; got {params.chunk_size!r}")
+        self.require_at_least(params, where=where, k=1, chunk_size=1)
 
     def supports(self, site: SiteShape, params: TopkParams) -> Optional[str]:
         return None
