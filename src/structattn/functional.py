@@ -34,7 +34,7 @@ def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
         # forward raises for a mask or causal flag it cannot serve
         check_inputs(q, k, v, attn_mask, what)
         _check_supported(method, q, k, v, attn_mask, is_causal, pargs, what)
-    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, *pargs)
+    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, "", *pargs)
 
 
 @torch.compiler.assume_constant_result

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..methods import REGISTRY, Method, get_method
+from .dead_rows import apply_dead_rows, parse_program
 
 NAMESPACE = "structattn"
 IMPLS = ("auto", "triton", "torch")
@@ -29,7 +30,7 @@ _DEFINED: dict[str, Any] = {}
 
 _COMMON_ARGS = (
     "Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, bool is_causal, "
-    "int min_seq_len, str impl"
+    "int min_seq_len, str impl, str dead_rows"
 )
 
 
@@ -80,14 +81,17 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: O
 
 
 def run_method(method: Method, q, k, v, attn_mask, scale: float, is_causal: bool, min_seq_len: int,
-               impl: str, params: Any) -> torch.Tensor:
-    """Run ``method`` on concrete tensors, choosing exact / Triton / plain torch as documented."""
+               impl: str, params: Any, dead_rows: str = "") -> torch.Tensor:
+    """Run ``method`` on concrete tensors, choosing exact / Triton / plain torch as documented,
+    then give fully masked query rows eager's answer when ``dead_rows`` says how (see dead_rows.py)."""
     if k.shape[-2] < min_seq_len:
         method, params = get_method("exact"), get_method("exact").Params()
     kernel = _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params)
     if kernel is not None:
-        return kernel(q, k, v, attn_mask, scale, is_causal, params)
-    return method.forward(q, k, v, attn_mask, scale, is_causal, params)
+        out = kernel(q, k, v, attn_mask, scale, is_causal, params)
+    else:
+        out = method.forward(q, k, v, attn_mask, scale, is_causal, params)
+    return apply_dead_rows(out, q, k, v, attn_mask, scale, is_causal, dead_rows)
 
 
 def _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params):
@@ -112,27 +116,29 @@ def _define(method: Method) -> Any:
     qualname = f"{NAMESPACE}::{name}"
     what = qualname
 
-    def forward_impl(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
+    def forward_impl(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, dead_rows, *pvalues):
         check_inputs(q, k, v, attn_mask, what)
-        out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, method.Params(*pvalues))
+        out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, method.Params(*pvalues),
+                         dead_rows)
         # the fake impl promises a contiguous [B, H, Nq, Dv] tensor (inductor checks strides)
         return out.to(q.dtype).contiguous()
 
-    def forward_fake(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
+    def forward_fake(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, dead_rows, *pvalues):
         check_inputs(q, k, v, attn_mask, what)
+        parse_program(dead_rows)
         return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
-    def backward_impl(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
+    def backward_impl(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, dead_rows, *pvalues):
         params = method.Params(*pvalues)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
             # The backward differentiates the plain-torch formulation (exactly what the CPU path
             # computes; on CUDA the same math as the kernel, recomputed by torch).
-            out = run_method(method, *leaves, attn_mask, scale, is_causal, min_seq_len, "torch", params)
+            out = run_method(method, *leaves, attn_mask, scale, is_causal, min_seq_len, "torch", params, dead_rows)
             grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True)
         return tuple(t.new_zeros(t.shape) if g is None else g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
-    def backward_fake(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *pvalues):
+    def backward_fake(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, dead_rows, *pvalues):
         return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
     _LIB.impl(name, forward_impl, "CompositeExplicitAutograd")

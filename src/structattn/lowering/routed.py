@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from ..methods.exact import sdpa
+from .dead_rows import apply_dead_rows
 from .ops import NAMESPACE, check_inputs, run_method
 
 #: site key -> fn(q, k, v, attn_mask, scale, is_causal) -> Tensor; missing keys run exact attention
@@ -20,17 +21,18 @@ ROUTES: dict[str, Callable] = {}
 
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 _LIB.define("routed_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
-            "bool is_causal, str site) -> Tensor")
+            "bool is_causal, str site, str dead_rows='') -> Tensor")
 
 
-def _impl(q, k, v, attn_mask, scale, is_causal, site):
+def _impl(q, k, v, attn_mask, scale, is_causal, site, dead_rows=""):
     check_inputs(q, k, v, attn_mask, "structattn::routed_attention")
     fn = ROUTES.get(site)
     out = fn(q, k, v, attn_mask, scale, is_causal) if fn is not None else sdpa(q, k, v, attn_mask, scale, is_causal)
+    out = apply_dead_rows(out, q, k, v, attn_mask, scale, is_causal, dead_rows)
     return out.to(q.dtype).contiguous()
 
 
-def _fake(q, k, v, attn_mask, scale, is_causal, site):
+def _fake(q, k, v, attn_mask, scale, is_causal, site, dead_rows=""):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 

@@ -15,6 +15,7 @@ from .expand import expand_fused_modules
 from .masks import plan_mask
 from .match import Match, find_sites
 from .rewrite import rewrite_site
+from .shield import shield_softmax
 from .table import example
 
 __all__ = ["rewrite_attention", "find_sites"]
@@ -27,12 +28,19 @@ def rewrite_attention(gm: GraphModule, config: Config, graph_index: int = 0) -> 
     # Match again after every rewrite: a later site may read an earlier site's output (stacked
     # layers), and must see the node that replaced it.
     done: set = set()
+    declined: list = []
     while True:
         pending = [m for m in find_sites(gm.graph) if m.anchor not in done]
         if not pending:
             break
         done.add(pending[0].anchor)
         sites.append(_handle(gm, pending[0], config, graph_index))
+        if pending[0].reason is not None and pending[0].form == "decomposed":
+            declined.append(pending[0].anchor)
+    if config.compiler == "inductor":
+        # inductor's own attention patterns must not fire on what structattn declined
+        for anchor in declined:
+            shield_softmax(gm.graph, anchor)
     for _, sub in _subgraph_modules(gm):
         sites.extend(rewrite_attention(sub, config, graph_index))
     gm.graph.lint()
@@ -118,29 +126,18 @@ def _size_hints(m: Match) -> dict:
 
 
 def _site_shape(m: Match) -> SiteShape | None:
-    if m.q is None or m.k is None or m.v is None:
+    shapes = [m.operand_shape(n) for n in ("q", "k", "v")]
+    if any(s is None for s in shapes):
         return _shape_from_scores(m)
-    q = example(m.q.node)
-    k = example(m.k.gqa_source if m.k.gqa_source is not None else m.k.node)
-    v = example(m.v.gqa_source if m.v.gqa_source is not None else m.v.node)
-    if q is None or k is None or v is None:
-        return _shape_from_scores(m)
-    kshape = list(k.shape)
-    if m.k.permute is not None:
-        kshape = [kshape[i] for i in m.k.permute]
-    if m.k.swap_last:
-        kshape[-2], kshape[-1] = kshape[-1], kshape[-2]
-    vshape = list(v.shape)
-    if m.v.swap_last:
-        vshape[-2], vshape[-1] = vshape[-1], vshape[-2]
-    if q.dim() == 4:
-        batch, heads, kv_heads = _dim(q.shape[0]), _dim(q.shape[1]), _dim(kshape[1])
-    elif q.dim() == 3:
-        batch, heads, kv_heads = 1, _dim(q.shape[0]), _dim(q.shape[0])
+    q, k, v = shapes
+    if len(q) == 4:
+        batch, heads, kv_heads = _dim(q[0]), _dim(q[1]), _dim(k[1])
+    elif len(q) == 3:
+        batch, heads, kv_heads = 1, _dim(q[0]), _dim(q[0])
     else:
         batch, heads, kv_heads = 1, 1, 1
-    return SiteShape(batch, heads, kv_heads, _dim(q.shape[-2]), _dim(kshape[-2]), _dim(q.shape[-1]),
-                     _dim(vshape[-1]), "none", q.dtype)
+    dtype = example(m.q.node).dtype
+    return SiteShape(batch, heads, kv_heads, _dim(q[-2]), _dim(k[-2]), _dim(q[-1]), _dim(v[-1]), "none", dtype)
 
 
 def _shape_from_scores(m: Match) -> SiteShape | None:

@@ -43,7 +43,7 @@ def erase_dead(nodes) -> None:
     stack = list(nodes)
     while stack:
         n = stack.pop()
-        if n.graph is None or n.users or n.op not in ("call_function", "call_method"):
+        if getattr(n, "_erased", False) or n.users or n.op not in ("call_function", "call_method"):
             continue
         if (n.op == "call_method" and n.target.endswith("_")) or (n.op == "call_function" and n.is_impure()):
             continue

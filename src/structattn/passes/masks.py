@@ -1,4 +1,5 @@
-"""Mask provenance: prove that a materialised [B, 1, Q, K] mask is causal and/or key padding.
+"""Mask provenance: prove that a materialised [B, 1, Q, K] mask is causal and/or key padding, and
+record how eager fills the masked entries.
 
 HF transformers (and most code) builds masks as ``and(q_idx >= kv_idx, padding[b, kv_idx])`` over
 broadcast ``arange`` index tensors, then materialises them (``where(mask, 0, min)``). The methods
@@ -6,12 +7,20 @@ need to know the structure: Monarch supports key padding only, MRA causal + key 
 materialised mask costs O(N^2) memory. This module interprets the mask's producer graph
 abstractly: index tensors (``arange`` + offset, placed on the query or key axis), comparisons
 between them (causal when ``kv_idx <= q_idx``), constants that are always true, conjunctions, and
-any tensor whose query axis has size 1 (a key-padding term). The result lists the terms, so the
-rewrite can hand the op ``is_causal`` and a compact ``[B, 1, 1, K]`` mask instead.
+any tensor whose query axis has size 1 (a key-padding term).
+
+Every mask term becomes a ``Step`` of a small program that says, in eager's order, what happens to
+the masked entries: ``set`` them to a fill value (``masked_fill`` / ``where``), ``add`` a fill value
+(``where(m, 0, c)`` or ``(1 - m) * c`` added), or add a ``bias`` tensor as it is. The op receives a
+compact HARD mask (``is_causal`` plus a ``[B, 1, 1, K]`` keep mask or bias); the two agree with eager
+on every query row that keeps at least one key. A row whose keys are all masked ("dead") is where
+they differ: eager gives, e.g., the uniform average of v when the fill is ``finfo.min``. The
+``dead_rows`` program (``MaskPlan.dead_rows``) lets the op recompute exactly those rows as eager
+would; it is empty when every fill is ``-inf`` (then the op follows SDPA: a dead row gives 0).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 import sympy
@@ -20,7 +29,7 @@ from torch.fx import Node
 
 from .table import canonical, constant_number, example
 
-#: an additive value at or below this masks its entry (finfo.min, -inf, -1e9, -1e4 all qualify)
+#: a fill at or below this masks its entry (finfo.min, -inf, -1e9, -1e4 all qualify)
 NEG_THRESHOLD = -1e4
 Offset = Union[int, sympy.Expr, tuple]
 
@@ -28,11 +37,18 @@ Offset = Union[int, sympy.Expr, tuple]
 @dataclass(frozen=True)
 class MaskTerm:
     """One mask tensor as it enters the scores: ``keep`` (bool, True = attend), ``masked`` (bool,
-    True = drop) or ``additive`` (float added to the scores, times ``coef``)."""
+    True = drop) or ``additive`` (a tensor added to the scores, times ``coef`` and the graph-computed
+    ``factors`` ((node, "mul" | "div"), applied after it)). ``fill`` is the value ``keep``/``masked``
+    terms write into masked entries (``-inf`` = a hard mask)."""
 
     node: Node
     kind: str
     coef: float = 1.0
+    fill: float = float("-inf")
+    factors: tuple = ()
+    #: leading dims of the scores view the term was added in, when that is not the site's own
+    #: (a ``[B*H, ..]`` view of a ``[B, H, ..]`` site); None = the site's
+    lead: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -47,14 +63,31 @@ class Facts:
 
 
 @dataclass(frozen=True)
+class Step:
+    """What one mask term does to the scores, in eager's order: ``op`` ``set``/``add`` writes or
+    adds ``fill`` on the entries masked by its causal part and/or its key-padding terms; ``bias``
+    adds its key-padding tensor(s) as they are."""
+
+    causal: bool
+    keypad: tuple[MaskTerm, ...]
+    op: str
+    fill: float = float("-inf")
+
+    def scope(self) -> str:
+        return ("c" if self.causal else "") + ("m" if self.keypad else "")
+
+
+@dataclass(frozen=True)
 class MaskPlan:
     """What the op gets: ``kind`` (none | key_padding | causal | causal+key_padding | general),
-    the key-padding terms to combine into a [.., 1, K] mask, or the raw terms of a general mask."""
+    the key-padding terms to combine into a [.., 1, K] mask, or the raw terms of a general mask,
+    and the ``dead_rows`` program (see the module docstring; '' = SDPA's dead rows)."""
 
     kind: str
     causal: bool = False
     keypad: tuple[MaskTerm, ...] = ()
     general: tuple[MaskTerm, ...] = field(default=())
+    dead_rows: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,24 +101,58 @@ class _Index:
 
 
 def plan_mask(terms: list[MaskTerm], is_causal: bool) -> MaskPlan:
-    """Classify the mask made of ``terms`` (all applied to one scores tensor) plus ``is_causal``."""
-    facts = Facts(causal=is_causal)
-    for term in terms:
-        found = _term_facts(term)
+    """Classify the mask made of ``terms`` (all applied to one scores tensor, listed from the
+    softmax backwards) plus SDPA's hard ``is_causal``."""
+    ordered = list(reversed(terms))  # eager's order: from QK^T to softmax
+    steps: list[Step] = [Step(True, (), "set")] if is_causal else []
+    for term in ordered:
+        found = _term_steps(term)
         if found is None:
-            return MaskPlan("general", is_causal, (), tuple(terms))
-        facts = facts & found
-    if facts.causal:
-        kind = "causal+key_padding" if facts.keypad else "causal"
+            return _general_plan(ordered, is_causal)
+        steps.extend(found)
+    causal = any(s.causal for s in steps)
+    keypad: tuple[MaskTerm, ...] = ()
+    for s in steps:
+        keypad += tuple(t for t in s.keypad if all(t is not k for k in keypad))
+    if causal:
+        kind = "causal+key_padding" if keypad else "causal"
     else:
-        kind = "key_padding" if facts.keypad else "none"
-    return MaskPlan(kind, facts.causal, facts.keypad)
+        kind = "key_padding" if keypad else "none"
+    return MaskPlan(kind, causal, keypad, (), dead_row_program(steps))
 
 
-def _term_facts(term: MaskTerm) -> Optional[Facts]:
+def _general_plan(ordered: list[MaskTerm], is_causal: bool) -> MaskPlan:
+    steps = [Step(True, (), "set")] if is_causal else []
+    for t in ordered:
+        steps.append(Step(False, (t,), "bias") if t.kind == "additive" else Step(False, (t,), "set", t.fill * t.coef))
+    return MaskPlan("general", is_causal, (), tuple(reversed(ordered)), dead_row_program(steps))
+
+
+def dead_row_program(steps: list[Step]) -> str:
+    """The ``dead_rows`` op argument: '' when no step writes a finite fill (SDPA semantics), else
+    ``scope:op:fill`` items joined by ';' (scope c = causally masked entries, m = entries the op's
+    mask masks, cm = either; op set | add | bias)."""
+    if not any(s.op in ("set", "add") and s.fill > float("-inf") for s in steps):
+        return ""
+    items = []
+    for s in steps:
+        if s.op == "bias":
+            items.append("all:bias:0")
+        elif s.scope():
+            items.append(f"{s.scope()}:{s.op}:{s.fill!r}")
+    return ";".join(items)
+
+
+def _term_steps(term: MaskTerm) -> Optional[list[Step]]:
     if term.kind == "additive":
-        return _additive(term.node, term.coef)
-    return _boolean(term.node, positive=term.kind == "keep")
+        steps = _additive(term.node, term)
+    else:
+        facts = _boolean(term.node, positive=term.kind == "keep")
+        steps = None if facts is None else [Step(facts.causal, facts.keypad, "set", term.fill * term.coef)]
+    if steps is None or term.lead is None:
+        return steps
+    # pieces of a term added in another view of the scores live in that view too
+    return [replace(s, keypad=tuple(replace(t, lead=term.lead) for t in s.keypad)) for s in steps]
 
 
 def _is_broadcast_view(call) -> bool:
@@ -113,23 +180,63 @@ def _query_independent(node: Node) -> bool:
     return val is not None and (val.dim() < 2 or val.shape[-2] == 1)
 
 
-def _additive(node: Any, coef: float) -> Optional[Facts]:
+def _is_float(node: Any) -> bool:
+    val = example(node)
+    return val is not None and val.is_floating_point()
+
+
+def _additive(node: Any, term: MaskTerm) -> Optional[list[Step]]:
+    """Steps of an additive mask tensor (values added to the scores), or None if unknown."""
+    coef = term.coef
     call = canonical(node)
     if call is not None:
-        if call.name in ("cast", "contiguous", "expand") or _is_broadcast_view(call):
-            return _additive(call.get("input"), coef)
+        if call.name in ("contiguous", "expand", "expand_as") or _is_broadcast_view(call):
+            return _additive(call.get("input"), term)
+        if call.name == "cast" and _is_float(call.get("input")):
+            return _additive(call.get("input"), term)
         if call.name == "where":
             cond, a, b = call.get("condition"), call.get("input"), call.get("other")
-            if _is_zero(a) and _is_neg(b):
-                return _boolean(cond, positive=True)
-            if _is_neg(a) and _is_zero(b):
-                return _boolean(cond, positive=False)
-        if call.name == "add" and isinstance(call.get("input"), Node) and isinstance(call.get("other"), Node):
-            left, right = _additive(call.get("input"), coef), _additive(call.get("other"), coef)
-            return None if left is None or right is None else left & right
+            for zero, neg, positive in ((a, b, True), (b, a, False)):
+                if _is_zero(zero) and _is_neg(neg):
+                    facts = _boolean(cond, positive=positive)
+                    return None if facts is None else [Step(facts.causal, facts.keypad, "add", _neg(neg) * coef)]
+        if call.name == "mul":
+            steps = _scaled_indicator(call.get("input"), call.get("other"), coef)
+            if steps is None:
+                steps = _scaled_indicator(call.get("other"), call.get("input"), coef)
+            if steps is not None:
+                return steps
+        if call.name in ("triu", "tril"):
+            fill = _filled_with(call.get("input"))
+            if fill is not None and fill <= NEG_THRESHOLD and call.name == "triu" and call.get("diagonal", 0) == 1:
+                return [Step(True, (), "add", fill * coef)]
+        if call.name == "add" and isinstance(call.get("input"), Node) and isinstance(call.get("other"), Node) \
+                and call.get("alpha") is None:
+            left, right = _additive(call.get("input"), term), _additive(call.get("other"), term)
+            return None if left is None or right is None else left + right
     if isinstance(node, Node) and _query_independent(node):
-        return Facts(keypad=(MaskTerm(node, "additive", coef),))
+        return [Step(False, (MaskTerm(node, "additive", coef, factors=term.factors),), "bias")]
     return None
+
+
+def _scaled_indicator(indicator: Any, factor: Any, coef: float) -> Optional[list[Step]]:
+    """``(1 - keep) * c`` or ``masked.float() * c`` with c very negative: an additive fill."""
+    c = constant_number(factor)
+    if c is None or c > NEG_THRESHOLD:
+        return None
+    call = canonical(indicator)
+    positive = False  # the indicator is 1 where the entry is masked
+    if call is not None and call.name == "sub" and constant_number(call.get("input")) == 1.0 and call.get("alpha") is None:
+        indicator, positive = call.get("other"), True
+    inner = canonical(indicator)
+    while inner is not None and inner.name in ("cast", "contiguous"):
+        indicator = inner.get("input")
+        inner = canonical(indicator)
+    val = example(indicator)
+    if val is None or val.dtype != torch.bool:
+        return None  # a 0/1 float tensor could hold other values: keep it a plain bias
+    facts = _boolean(indicator, positive=positive)
+    return None if facts is None else [Step(facts.causal, facts.keypad, "add", c * coef)]
 
 
 def _boolean(node: Any, positive: bool) -> Optional[Facts]:
@@ -137,21 +244,25 @@ def _boolean(node: Any, positive: bool) -> Optional[Facts]:
     call = canonical(node)
     if call is not None:
         name = call.name
-        if name in ("cast", "contiguous", "expand") or _is_broadcast_view(call):
+        if name in ("cast", "contiguous", "expand", "expand_as") or _is_broadcast_view(call):
             return _boolean(call.get("input"), positive)
         if name == "not":
             return _boolean(call.get("input"), not positive)
         if name == "and" and positive:
             left, right = _boolean(call.get("input"), True), _boolean(call.get("other"), True)
             return None if left is None or right is None else left & right
-        if name in ("ones", "new_ones") and positive:
+        if name in ("ones", "new_ones", "ones_like") and positive:
             return Facts()
-        if name.startswith("compare_"):
+        if name in ("full", "new_full") and positive and call.get("fill_value") is True:
+            return Facts()
+        if name in ("compare_le", "compare_lt", "compare_ge", "compare_gt"):
             facts = _comparison(name[len("compare_"):], call.get("input"), call.get("other"), positive)
             if facts is not None:
                 return facts
-    if _triangle_kind(node) is not None:
-        return _triangle(node, positive)
+        if name in ("tril", "triu"):
+            facts = _triangle(call, positive)
+            if facts is not None:
+                return facts
     if isinstance(node, Node) and _query_independent(node):
         return Facts(keypad=(MaskTerm(node, "keep" if positive else "masked"),))
     return None
@@ -164,6 +275,15 @@ _FLIP = {"le": "ge", "ge": "le", "lt": "gt", "gt": "lt"}
 def _comparison(op: str, lhs: Any, rhs: Any, positive: bool) -> Optional[Facts]:
     if not positive:
         op = _INVERT[op]
+    for first, second, how in ((lhs, rhs, op), (rhs, lhs, _FLIP[op])):
+        diff = _difference(first)
+        const = _const(second)
+        if diff is not None and const is not None:
+            # a - b (op) c  <=>  a (op) b + c
+            a, b = diff
+            if isinstance(b.offset, tuple):
+                return None
+            return _index_vs_index(how, a, _Index(sympy.sympify(b.offset) + const, b.length, b.axis))
     a, b = _index(lhs), _index(rhs)
     if a is None and b is None:
         return None
@@ -176,6 +296,17 @@ def _comparison(op: str, lhs: Any, rhs: Any, positive: bool) -> Optional[Facts]:
     if isinstance(b, _Index):
         return _index_vs_index(op, a, b)
     return Facts() if _always(op, a, b) else None
+
+
+def _difference(node: Any) -> Optional[tuple[_Index, _Index]]:
+    """``(a, b)`` when ``node`` is ``a - b`` for two placed index tensors."""
+    call = canonical(node)
+    if call is None or call.name != "sub" or call.get("alpha") is not None:
+        return None
+    a, b = _index(call.get("input")), _index(call.get("other"))
+    if a is None or b is None:
+        return None
+    return a, b
 
 
 def _index_vs_index(op: str, a: _Index, b: _Index) -> Optional[Facts]:
@@ -205,6 +336,8 @@ def _const(value: Any) -> Optional[Any]:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     num = constant_number(value)
+    if num is not None and float(num).is_integer():
+        return int(num)
     return num
 
 
@@ -223,7 +356,7 @@ def _index(node: Any) -> Optional[_Index]:
             return None
         length = _symbolic(end) - _symbolic(start)
         return _Index(_offset(start), length)
-    if name == "add":
+    if name == "add" and call.get("alpha") is None:
         base, other = call.get("input"), call.get("other")
         idx = _index(base)
         if idx is None:
@@ -252,7 +385,7 @@ def _index(node: Any) -> Optional[_Index]:
 
 def _symbolic(value: Any) -> Any:
     if isinstance(value, Node):
-        val = value.meta.get("example_value")
+        val = value.meta.get("example_value", value.meta.get("val"))
         if isinstance(val, torch.SymInt):
             return val.node.expr
         return sympy.Symbol(f"opaque_{value.name}")
@@ -265,35 +398,36 @@ def _offset(value: Any) -> Offset:
     if isinstance(value, (int, sympy.Expr)) and not isinstance(value, bool):
         return value
     if isinstance(value, Node):
-        val = value.meta.get("example_value")
+        val = value.meta.get("example_value", value.meta.get("val"))
         if isinstance(val, torch.SymInt):
             return val.node.expr
     return ("opaque", value)
 
 
-def _triangle_kind(node: Any) -> Optional[str]:
-    if not isinstance(node, Node):
+def _filled_with(node: Any) -> Optional[Any]:
+    """The constant a ``ones`` / ``full`` / ``full_like`` tensor holds (True for ``ones``), or None."""
+    call = canonical(node)
+    while call is not None and call.name in ("cast", "contiguous"):
+        call = canonical(call.get("input"))
+    if call is None:
         return None
-    if node.op == "call_function" and node.target in (torch.tril, torch.triu):
-        return node.target.__name__
-    if node.op == "call_method" and node.target in ("tril", "triu"):
-        return node.target
+    if call.name in ("ones", "new_ones", "ones_like"):
+        return True
+    if call.name in ("full", "new_full", "full_like"):
+        value = call.get("fill_value")
+        return True if value is True else constant_number(value)
     return None
 
 
-def _triangle(node: Node, positive: bool) -> Optional[Facts]:
+def _triangle(call, positive: bool) -> Optional[Facts]:
     """``tril(ones)`` keeps causal entries; ``triu(ones, 1)`` marks the non-causal ones."""
-    kind = _triangle_kind(node)
-    source = node.args[0] if node.args else node.kwargs.get("input")
-    diagonal = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
-    src = canonical(source)
-    while src is not None and src.name in ("cast", "contiguous"):
-        src = canonical(src.get("input"))
-    if src is None or src.name not in ("ones", "new_ones"):
+    fill = _filled_with(call.get("input"))
+    if fill is not True and fill != 1.0:
         return None
-    if kind == "tril" and diagonal == 0 and positive:
+    diagonal = call.get("diagonal", 0)
+    if call.name == "tril" and diagonal == 0 and positive:
         return Facts(causal=True)
-    if kind == "triu" and diagonal == 1 and not positive:
+    if call.name == "triu" and diagonal == 1 and not positive:
         return Facts(causal=True)
     return None
 
@@ -301,16 +435,16 @@ def _triangle(node: Node, positive: bool) -> Optional[Facts]:
 def _is_zero(value: Any) -> bool:
     if constant_number(value) == 0.0:
         return True
-    call = canonical(value)
     if isinstance(value, Node) and value.op == "call_function" and value.target in (torch.zeros, torch.zeros_like):
         return True
-    return call is not None and call.name == "cast" and _is_zero(call.get("input"))
+    call = canonical(value)
+    return call is not None and call.name in ("zeros", "zeros_like")
+
+
+def _neg(value: Any) -> Optional[float]:
+    num = constant_number(value)
+    return num if num is not None and num <= NEG_THRESHOLD else None
 
 
 def _is_neg(value: Any) -> bool:
-    num = constant_number(value)
-    if num is None and isinstance(value, Node):
-        call = canonical(value)
-        if call is not None and call.name == "cast":
-            return _is_neg(call.get("input"))
-    return num is not None and num <= NEG_THRESHOLD
+    return _neg(value) is not None

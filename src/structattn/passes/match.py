@@ -1,8 +1,15 @@
-"""Find attention sites in a dynamo FX graph: decomposed softmax(QK^T)V and SDPA calls.
+"""Find attention sites in an FX graph: decomposed softmax(QK^T)V and SDPA calls.
 
 The matcher anchors on ``softmax`` (or an SDPA call), walks back through the score chain (casts,
-scale, masks) to ``QK^T`` and forward through casts and eval dropout to ``P V``. Every refusal keeps
-the site in the report with a reason; nothing is rewritten unless the whole chain is understood.
+scales, masks, biases, views of the leading dims) to ``QK^T`` and forward through casts, views
+and eval dropout to ``P V``. Every refusal keeps the site in the report with a reason; nothing
+is rewritten unless the whole chain is understood. Torch-level (dynamo) and aten-level graphs
+are read through the same table (``table.canonical``).
+
+The site lives in "site space": the shape of the softmax input, ``[.., Q, K]`` with leading dims
+``lead``. Operands and mask terms computed in another view of the same leading dims (``[B*H, ..]``
+next to a ``[B, H, ..]`` softmax, as BLOOM and aten's decomposed matmuls write it) are moved into
+site space by the rewrite (``split_heads``).
 """
 from __future__ import annotations
 
@@ -16,17 +23,24 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fqn import module_path
 from .masks import NEG_THRESHOLD, MaskTerm
-from .table import Call, canonical, constant_number, example
+from .table import Call, canonical, constant_number, example, reads_only_metadata
 
 
 @dataclass
 class Operand:
-    """A q/k/v input to the op: ``node`` plus a view to apply first (transpose, repeat_kv undone)."""
+    """A q/k/v input to the op: ``node`` plus the views to apply first (in this order: ``permute``,
+    ``swap_last`` (transpose of the last two dims), ``split_heads`` (``unflatten(0, (-1, h))``).
+    ``gqa_source`` is the un-repeated ``[B, Hk, N, D]`` tensor when a repeat_kv was undone;
+    ``grouped`` means ``node`` itself is already un-repeated (the repeat sat before the transpose),
+    with ``fallback`` the repeated operand to use if the other of k/v cannot be un-repeated."""
 
     node: Node
-    swap_last: bool = False          # insert .transpose(-2, -1)
-    permute: Optional[tuple] = None  # insert .permute(perm)
-    gqa_source: Optional[Node] = None  # un-repeated [B, Hk, N, D] tensor, if repeat_kv was found
+    swap_last: bool = False
+    permute: Optional[tuple] = None
+    gqa_source: Optional[Node] = None
+    split_heads: Optional[int] = None
+    grouped: bool = False
+    fallback: Optional["Operand"] = None
 
 
 @dataclass
@@ -40,12 +54,28 @@ class Match:
     k: Optional[Operand] = None
     v: Optional[Operand] = None
     scale: float = 1.0
-    scale_nodes: tuple = ()         # (node, "mul" | "div"): graph-computed scale factors, folded into q
-    masks: list = field(default_factory=list)   # MaskTerm
+    scale_nodes: tuple = ()         # (node, "mul" | "div"): graph-computed factors (scalars or per head), folded into q
+    masks: list = field(default_factory=list)   # MaskTerm, from the softmax backwards
     is_causal: bool = False
+    safe_softmax: bool = False      # aten._safe_softmax: rows of all -inf give 0 (as the op does)
     reason: Optional[str] = None
     layer: str = ""
     scores_shape: Optional[tuple] = None
+    scores_dtype: Optional[torch.dtype] = None
+
+    def operand_shape(self, name: str) -> Optional[tuple]:
+        """Shape of operand ``name`` (q, k or v) as the op receives it, before the 4-D unsqueeze:
+        permuted / transposed / split into heads, and un-repeated where a repeat_kv was undone."""
+        op = getattr(self, name)
+        if op is None:
+            return None
+        val = example(op.gqa_source if op.gqa_source is not None else op.node)
+        if val is None:
+            return None
+        shape = _operand_shape(op, val)
+        if op.split_heads is not None:
+            shape = (shape[0] // op.split_heads, op.split_heads) + tuple(shape[1:])
+        return shape
 
     def refuse(self, reason: str) -> "Match":
         self.reason = reason
@@ -62,7 +92,7 @@ def find_sites(graph: Graph) -> list[Match]:
         call = canonical(node)
         if call is None:
             continue
-        if call.name == "softmax":
+        if call.name in ("softmax", "safe_softmax"):
             out.append(_decomposed(call))
         elif call.name == "sdpa":
             out.append(_sdpa(call))
@@ -71,16 +101,17 @@ def find_sites(graph: Graph) -> list[Match]:
 
 # -- decomposed softmax(QK^T)V ----------------------------------------------------------------
 def _decomposed(sm: Call) -> Match:
-    m = Match("decomposed", sm.node, layer=module_path(sm.node))
+    m = Match("decomposed", sm.node, layer=module_path(sm.node), safe_softmax=sm.name == "safe_softmax")
     x = sm.get("input")
     val = example(x)
     if val is None or val.dim() < 2:
         return m.refuse("softmax input has no recorded shape (or is not a matrix)")
     m.scores_shape = tuple(val.shape)
+    m.scores_dtype = val.dtype
     dim = sm.get("dim")
     if dim is None or dim not in (-1, val.dim() - 1):
         return m.refuse(f"softmax is over dim {dim}, not the key axis (last dim)")
-    reason = _walk_scores(m, x, sm.node)
+    reason = _walk_scores(m, x)
     if reason:
         return m.refuse(reason)
     reason = _walk_probs(m, sm.node)
@@ -89,16 +120,81 @@ def _decomposed(sm: Call) -> Match:
     return _check_shapes(m)
 
 
+def value_users(node: Node) -> list[Node]:
+    """Users of ``node`` that read its values (not only its dtype or shape, and not only to find
+    its rows of all -inf for a safe softmax)."""
+    return [u for u in node.users if not reads_only_metadata(u, node) and _safe_softmax_guard(u, node) is None]
+
+
+def _safe_softmax_guard(user: Node, scores: Node) -> Optional[Node]:
+    """aten's safe-softmax decomposition ``where(all(scores == -inf, -1), 0, softmax(scores))``
+    (spelled with ``not(any(not(..)))`` too): for the ``scores == -inf`` user, the ``where`` node
+    it guards (rows of all -inf give 0, as the op does), else None."""
+    call = canonical(user)
+    if call is None or call.name != "compare_eq" or call.get("input") is not scores \
+            or constant_number(call.get("other")) != float("-inf"):
+        return None
+    node, negated, reduced = user, False, False
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        node = users[0]
+        step = canonical(node)
+        if step is None:
+            return None
+        if step.name == "not":
+            negated = not negated
+        elif step.name in ("any", "all") and not reduced:
+            if step.get("dim") not in (-1, example(scores).dim() - 1):
+                return None
+            # all(eq) is "dead row"; any(not eq) is "live row"; anything else is another test
+            if (step.name == "all") == negated:
+                return None
+            negated, reduced = step.name == "any", True
+        elif step.name == "where" and reduced:
+            zero, prob = (step.get("input"), step.get("other")) if not negated else (step.get("other"), step.get("input"))
+            zc, pc = canonical(zero), canonical(prob)
+            if pc is None or pc.name != "softmax" or pc.get("input") is not scores:
+                return None
+            if zc is None or zc.name not in ("full_like", "zeros_like") or \
+                    (zc.name == "full_like" and constant_number(zc.get("fill_value")) != 0.0):
+                return None
+            return node
+        else:
+            return None
+
+
 def _single_user(node: Node, what: str) -> Optional[str]:
-    if len(node.users) != 1:
-        users = ", ".join(u.name for u in node.users)
-        return f"the {what} `{node.name}` has {len(node.users)} users ({users}): it escapes the attention (e.g. output_attentions), so it cannot be replaced"
+    users = value_users(node)
+    if len(users) != 1:
+        names = ", ".join(u.name for u in users)
+        return f"the {what} `{node.name}` has {len(users)} users ({names}): it escapes the attention (e.g. output_attentions), so it cannot be replaced"
     return None
 
 
-def _walk_scores(m: Match, x: Any, consumer: Node) -> Optional[str]:
-    """Walk from the softmax input back to QK^T, collecting scale and masks."""
-    post_scale = 1.0   # product of the scale factors applied after the current point
+def _only_user(node: Node) -> Node:
+    return value_users(node)[0]
+
+
+def _lead(node: Any) -> Optional[tuple]:
+    val = example(node)
+    return None if val is None else tuple(val.shape[:-2])
+
+
+def _is_lead_view(call: Call) -> bool:
+    """A reshape that keeps the last two dims and only splits / merges the leading ones."""
+    src, out = example(call.get("input")), example(call.node)
+    if src is None or out is None or src.dim() < 2 or out.dim() < 2:
+        return False
+    return _same(tuple(src.shape[-2:]), tuple(out.shape[-2:])) and statically_known_true(src.numel() == out.numel())
+
+
+def _walk_scores(m: Match, x: Any) -> Optional[str]:
+    """Walk from the softmax input back to QK^T, collecting scales and mask terms."""
+    post_scale = 1.0   # product of the constant scale factors applied after the current point
+    factors: tuple = ()  # graph-computed factors applied after the current point
+    lead = m.scores_shape[:-2]
     while True:
         if not isinstance(x, Node):
             return "softmax input is not a tensor computed in the graph"
@@ -109,10 +205,32 @@ def _walk_scores(m: Match, x: Any, consumer: Node) -> Optional[str]:
         if call is None:
             return f"the scores pass through `{_describe(x)}`, which is not a scale, mask or cast"
         name = call.name
+
+        def term(node: Any, kind: str, coef: float = 1.0, fill: float = float("-inf")) -> None:
+            view = tuple(lead) if tuple(lead) != tuple(m.scores_shape[:-2]) else None
+            m.masks.append(MaskTerm(node, kind, coef, fill, factors, view))
+
         if name in ("matmul", "einsum"):
             m.scale = post_scale
+            m.scale_nodes = factors
             return _scores_operands(m, call)
+        if name == "baddbmm":
+            # beta * bias + alpha * (a @ b)
+            beta, alpha = constant_number(call.get("beta", 1.0)), constant_number(call.get("alpha", 1.0))
+            if beta is None or alpha is None:
+                return "baddbmm on the scores with a beta or alpha that is not a constant"
+            if not alpha > 0:
+                return f"the scores are scaled by alpha={alpha}, not a positive number"
+            if isinstance(call.get("bias"), Node) and beta != 0:
+                term(call.get("bias"), "additive", post_scale * beta)
+            m.scale = post_scale * alpha
+            m.scale_nodes = factors
+            return _scores_operands(m, Call("matmul", {"a": call.get("a"), "b": call.get("b")}, x))
         if name in _PASS_THROUGH:
+            x = call.get("input")
+            continue
+        if name == "reshape" and _is_lead_view(call):
+            lead = _lead(call.get("input"))
             x = call.get("input")
             continue
         if name in ("mul", "div"):
@@ -126,49 +244,58 @@ def _walk_scores(m: Match, x: Any, consumer: Node) -> Optional[str]:
                 if not number > 0:
                     return f"the scores are scaled by {number}, not a positive number"
                 post_scale *= number
-            elif _is_scalar(factor):
-                # a symbolic or tensor-valued scale: folded into q (softmax(s q.k) is the same)
-                m.scale_nodes += ((factor, name),)
+            elif _is_scale_tensor(factor, lead):
+                val = example(factor)
+                if val is not None and val.numel() != 1 and tuple(lead) != tuple(m.scores_shape[:-2]):
+                    return "a per-head scale applied in a reshaped view of the scores is not supported"
+                # a symbolic, tensor-valued or per-head scale: folded into q (s q.k == (s q).k)
+                factors += ((factor, name),)
             else:
-                return f"the scores are multiplied by a tensor of shape {_shape(factor)} (not a scalar scale)"
+                return f"the scores are multiplied by a tensor of shape {_shape(factor)} (not a scalar or per-head scale)"
             x = chain
             continue
-        if name == "add":
-            if "alpha" in call.args:
-                return "torch.add with alpha on the scores is not supported"
+        if name in ("add", "sub"):
+            # add(input, other, alpha) = input + alpha * other; sub likewise with a minus
             a, b = call.get("input"), call.get("other")
             chain, mask = (a, b) if a is _prev(x, a, b) else (b, a)
-            if not isinstance(mask, Node):
-                x = chain  # adding a constant does not change softmax
-                continue
-            if m.scale_nodes:
-                return "an additive mask applied before a scale computed in the graph is not supported"
-            m.masks.append(MaskTerm(mask, "additive", post_scale))
-            x = chain
+            alpha = constant_number(call.get("alpha", 1.0))
+            if alpha is None:
+                return f"torch.{name} on the scores with a non-constant alpha"
+            if name == "sub" and chain is not a:
+                return "the scores are subtracted from something (c - scores)"
+            if chain is b:
+                if not alpha > 0:
+                    return f"the scores are scaled by alpha={alpha}, not a positive number"
+                mask_coef, post_scale = post_scale, post_scale * alpha
+            else:
+                mask_coef = post_scale * alpha * (-1.0 if name == "sub" else 1.0)
+            if isinstance(mask, Node) and constant_number(mask) is None:
+                term(mask, "additive", mask_coef)
+            x = chain  # (adding a constant does not change softmax)
             continue
         if name == "masked_fill":
             value = constant_number(call.get("value"))
             if value is None or value > NEG_THRESHOLD:
-                return f"masked_fill on the scores with {call.get('value')!r} is not a mask (needs -inf or a very negative number)"
-            m.masks.append(MaskTerm(call.get("mask"), "masked"))
+                return f"masked_fill on the scores with {_describe(call.get('value'))} is not a mask (needs -inf or a very negative number)"
+            term(call.get("mask"), "masked", fill=value)
             x = call.get("input")
             continue
         if name == "where":
             cond, a, b = call.get("condition"), call.get("input"), call.get("other")
             na, nb = constant_number(a), constant_number(b)
             if nb is not None and nb <= NEG_THRESHOLD and isinstance(a, Node):
-                m.masks.append(MaskTerm(cond, "keep"))
+                term(cond, "keep", fill=nb)
                 x = a
                 continue
             if na is not None and na <= NEG_THRESHOLD and isinstance(b, Node):
-                m.masks.append(MaskTerm(cond, "masked"))
+                term(cond, "masked", fill=na)
                 x = b
                 continue
             return "torch.where on the scores does not fill with -inf or a very negative number"
         return f"the scores pass through `{name}` ({_describe(x)}), which is not elementwise scale/mask"
 
 
-_CHAIN_OPS = ("matmul", "einsum", "mul", "div", "add", "masked_fill", "where") + _PASS_THROUGH
+_CHAIN_OPS = ("matmul", "einsum", "baddbmm", "mul", "div", "add", "sub", "masked_fill", "where", "reshape") + _PASS_THROUGH
 
 
 def _prev(x: Node, a: Any, b: Any) -> Any:
@@ -181,40 +308,75 @@ def _prev(x: Node, a: Any, b: Any) -> Any:
     return a
 
 
-def _leads_to_scores(node: Any, depth: int = 12) -> bool:
+def _leads_to_scores(node: Any, depth: int = 16) -> bool:
     call = canonical(node)
-    if call is None or depth == 0 or call.name not in _CHAIN_OPS or len(call.node.users) != 1:
+    if call is None or depth == 0 or call.name not in _CHAIN_OPS or len(value_users(call.node)) != 1:
         return False
-    if call.name in ("matmul", "einsum"):
+    if call.name in ("matmul", "einsum", "baddbmm"):
         return True
-    if call.name in _PASS_THROUGH or call.name == "masked_fill":
+    if call.name in _PASS_THROUGH or call.name in ("masked_fill", "reshape"):
         return _leads_to_scores(call.get("input"), depth - 1)
-    if call.name == "where":
-        return _leads_to_scores(call.get("input"), depth - 1) or _leads_to_scores(call.get("other"), depth - 1)
     return _leads_to_scores(call.get("input"), depth - 1) or _leads_to_scores(call.get("other"), depth - 1)
 
 
-def _is_scalar(node: Any) -> bool:
-    """A one-element tensor or a symbolic number (dynamo's dynamic float attributes)."""
+def _is_scale_tensor(node: Any, lead: tuple) -> bool:
+    """A factor that scales whole (batch, head) score matrices: a symbolic number, a one-element
+    tensor, or a tensor whose last two dims are 1 and that broadcasts over the leading dims."""
     if not isinstance(node, Node):
         return False
-    val = node.meta.get("example_value")
+    val = node.meta.get("example_value", node.meta.get("val"))
     if isinstance(val, (torch.SymFloat, torch.SymInt)):
         return True
-    return isinstance(val, torch.Tensor) and val.numel() == 1
+    if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+        return False
+    if val.numel() == 1:
+        return True
+    if val.dim() < 2 or tuple(val.shape[-2:]) != (1, 1) or val.dim() - 2 > len(lead):
+        return False
+    head = tuple(val.shape[:-2])
+    return all(statically_known_true(h == 1) or _same((h,), (l,)) for h, l in zip(reversed(head), reversed(lead)))
 
 
 def _scores_operands(m: Match, call: Call) -> Optional[str]:
     if call.name == "einsum":
         return _einsum_scores(m, call)
     a, b = call.get("a"), call.get("b")
+    b = _peel_constant_scale(m, b)
     if _is_last_two_transpose(a):
         return "the left operand of QK^T is transposed on its last two dims: attention over channels (q^T k), not over tokens"
     k = _untranspose(b)
     if k is None:
+        k = _grouped_key(b)
+    if k is None:
         return "the key operand of QK^T is not a transpose of the last two dims of a tensor, so the token axis is unknown"
     m.q, m.k = Operand(a), k
     return None
+
+
+def _peel_constant_scale(m: Match, node: Any) -> Any:
+    """``K^T * c`` (aten's SDPA decomposition scales both operands): fold c into the scale."""
+    while True:
+        call = canonical(node)
+        if call is None or call.name not in ("mul", "div") or len(value_users(node)) != 1:
+            return node
+        c = constant_number(call.get("other"))
+        if c is None or not c > 0 or not isinstance(call.get("input"), Node):
+            return node
+        m.scale *= (1.0 / c) if call.name == "div" else c
+        node = call.get("input")
+
+
+def _grouped_key(b: Any) -> Optional[Operand]:
+    """``repeat_kv(K^T)``: a key transposed (or permuted) BEFORE the grouped-query repeat."""
+    rep = _repeat_source(b)
+    if rep is None:
+        return None
+    inner = _untranspose(rep[0])
+    if inner is None:
+        return None
+    inner.grouped = True
+    inner.fallback = Operand(b, swap_last=True)
+    return inner
 
 
 def _as_permutation(node: Any) -> Optional[tuple]:
@@ -290,18 +452,27 @@ def _parse_einsum(eq: str, n: int):
 
 
 def _walk_probs(m: Match, sm: Node) -> Optional[str]:
-    """Walk from softmax forward through casts and eval dropout to P V."""
+    """Walk from softmax forward through casts, views and eval dropout to P V."""
     p = sm
     while True:
         why = _single_user(p, "attention probabilities")
         if why:
             return why
-        user = next(iter(p.users))
+        user = _only_user(p)
         call = canonical(user)
         if call is None:
             return f"the probabilities pass through `{_describe(user)}` before P V"
         name = call.name
-        if name in _PASS_THROUGH:
+        if name in ("expand", "reshape"):
+            folded = _decomposed_pv(p, user)
+            if folded is not None:
+                m.v, m.output = Operand(folded.get("b")), folded.node
+                return None
+        if name in _PASS_THROUGH or (name == "reshape" and _is_lead_view(call)):
+            p = user
+            continue
+        if name == "where" and _guards_rows_of(user, sm):
+            m.safe_softmax = True   # rows of all -inf give 0: what the op does
             p = user
             continue
         if name == "dropout":
@@ -321,6 +492,26 @@ def _walk_probs(m: Match, sm: Node) -> Optional[str]:
         if name in ("mul", "div"):
             return f"the probabilities are multiplied by `{_describe(call.get('other'))}` (e.g. a head mask) before P V"
         return f"the probabilities pass through `{name}` before P V"
+
+
+def _guards_rows_of(where: Node, sm: Node) -> bool:
+    """Is ``where`` the zeroing step of a safe softmax of ``sm``'s input?"""
+    scores = canonical(sm).get("input")
+    return any(_safe_softmax_guard(u, scores) is where for u in scores.users)
+
+
+def _decomposed_pv(p: Node, first: Node) -> Optional[Call]:
+    """aten's ``view(bmm(view(expand(p)), ..))``: the canonical matmul it spells, if ``p`` is its left operand."""
+    node = first
+    for _ in range(3):
+        users = value_users(node)
+        if len(users) != 1:
+            return None
+        node = users[0]
+        call = canonical(node)
+        if call is not None and call.name == "matmul" and call.get("a") is p and call.node is not first:
+            return call
+    return None
 
 
 def _einsum_pv(m: Match, call: Call, p: Node) -> Optional[str]:
@@ -350,6 +541,7 @@ def _sdpa(call: Call) -> Match:
     qv = example(q)
     if qv is not None and example(k) is not None:
         m.scores_shape = tuple(qv.shape[:-1]) + (example(k).shape[-2],)
+        m.scores_dtype = qv.dtype
     dropout = call.get("dropout_p", 0.0)
     if not (isinstance(dropout, (int, float)) and dropout == 0):
         return m.refuse(f"SDPA dropout_p={dropout!r} is not 0: rewriting would drop it")
@@ -360,7 +552,7 @@ def _sdpa(call: Call) -> Match:
         scale = 1.0 / math.sqrt(qv.shape[-1])
     elif constant_number(scale) is None:
         return m.refuse("SDPA scale is not a constant")
-    m.scale = float(scale)
+    m.scale = float(constant_number(scale))
     is_causal = call.get("is_causal", False)
     if not isinstance(is_causal, bool):
         return m.refuse("SDPA is_causal is not a constant")
@@ -376,28 +568,78 @@ def _sdpa(call: Call) -> Match:
 
 # -- shared checks -----------------------------------------------------------------------------
 def _check_shapes(m: Match) -> Match:
-    q, k, v = (example(o.node) for o in (m.q, m.k, m.v))
-    if q is None or k is None or v is None:
-        return m.refuse("q/k/v have no recorded shapes")
+    if m.scores_shape is None:
+        return m.refuse("the scores have no recorded shape")
+    site_rank = len(m.scores_shape)
+    if site_rank not in (2, 3, 4):
+        return m.refuse(f"attention of rank {site_rank} (only [N, D], [BH, N, D] and [B, H, N, D] are rewritten)")
+    lead = tuple(m.scores_shape[:-2])
+    shapes = {}
+    for name in ("q", "k", "v"):
+        op = getattr(m, name)
+        val = example(op.node)
+        if val is None:
+            return m.refuse("q/k/v have no recorded shapes")
+        shape = _operand_shape(op, val)
+        why = _place_operand(op, shape, lead, name)
+        if why:
+            return m.refuse(why)
+        if op.split_heads is not None:
+            shape = (shape[0] // op.split_heads if isinstance(shape[0], int) else shape[0], op.split_heads) + shape[1:]
+        shapes[name] = shape
+    q, k, v = (example(getattr(m, n).node) for n in ("q", "k", "v"))
     if not (q.dtype == k.dtype == v.dtype):
         return m.refuse(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if q.dim() not in (2, 3, 4):
-        return m.refuse(f"attention of rank {q.dim()} (only [N, D], [BH, N, D] and [B, H, N, D] are rewritten)")
-    kshape = _operand_shape(m.k, k)
-    vshape = _operand_shape(m.v, v)
-    if len(kshape) != q.dim() or len(vshape) != q.dim():
+    qs, ks, vs = shapes["q"], shapes["k"], shapes["v"]
+    if len(ks) != len(qs) or len(vs) != len(qs):
         return m.refuse("q, k, v ranks differ")
-    lead = q.dim() - 3 if q.dim() == 4 else q.dim() - 2
-    if not _same(q.shape[:lead], kshape[:lead]):
-        return m.refuse(f"q and k batch dims differ ({tuple(q.shape)} vs {tuple(kshape)}): broadcast batch is not rewritten")
-    if q.dim() == 4 and (q.shape[1] % kshape[1] != 0 or kshape[1] != vshape[1]):
-        return m.refuse(f"key/value heads ({kshape[1]}, {vshape[1]}) do not divide query heads ({q.shape[1]})")
-    if q.dim() < 4 and not (_same(kshape[:-2], q.shape[:-2]) and _same(vshape[:-2], q.shape[:-2])):
+    rank = len(qs)
+    if rank == 4:
+        if not _same(qs[:1], ks[:1]) or not _same(ks[:1], vs[:1]):
+            return m.refuse(f"q and k batch dims differ ({tuple(qs)} vs {tuple(ks)}): broadcast batch is not rewritten")
+        if not m.k.grouped and (not _divides(ks[1], qs[1]) or not _same(ks[1:2], vs[1:2])):
+            return m.refuse(f"key/value heads ({ks[1]}, {vs[1]}) do not divide query heads ({qs[1]})")
+    elif not (_same(ks[:-2], qs[:-2]) and _same(vs[:-2], qs[:-2])):
         return m.refuse("q, k, v leading dims differ")
-    if not _same(kshape[-2:-1], vshape[-2:-1]):
-        return m.refuse("k and v sequence lengths differ")
+    if not _same(ks[-1:], qs[-1:]):
+        return m.refuse(f"q and k head_dim differ ({qs[-1]} vs {ks[-1]})")
+    if not _same(ks[-2:-1], vs[-2:-1]):
+        return m.refuse(f"k and v sequence lengths differ ({ks[-2]} vs {vs[-2]})")
+    for term in m.masks:
+        split = term.lead
+        if split is not None and not _term_placeable(term, split, lead):
+            return m.refuse(f"a mask term of shape {_shape(term.node)} is added in a [{', '.join(map(str, split))}, ..] view of the scores that cannot be moved to [{', '.join(map(str, lead))}, ..]")
     _find_gqa(m)
+    if m.k.grouped and m.v.gqa_source is None:
+        m.k = m.k.fallback
     return m
+
+
+def _divides(small: Any, big: Any) -> bool:
+    try:
+        return statically_known_true(big % small == 0)
+    except ZeroDivisionError:
+        return False
+
+
+def _place_operand(op: Operand, shape: tuple, lead: tuple, name: str) -> Optional[str]:
+    """Check that operand ``shape`` lives in site space (or in its [B*H, ..] view: set split_heads)."""
+    olead = tuple(shape[:-2])
+    if len(olead) == len(lead):
+        return None
+    if len(lead) == 2 and len(olead) == 1 and isinstance(lead[1], int) and _same(olead, (lead[0] * lead[1],)):
+        op.split_heads = lead[1]
+        return None
+    return f"{name} of shape {tuple(shape)} is not in the scores' [{', '.join(map(str, lead))}, ..] layout or its [B*H, ..] view"
+
+
+def _term_placeable(term: MaskTerm, split_lead: tuple, lead: tuple) -> bool:
+    val = example(term.node)
+    if val is None or len(lead) != 2 or len(split_lead) != 1 or not isinstance(lead[1], int):
+        return False
+    if val.dim() < 3 or statically_known_true(val.shape[-3] == 1):
+        return True
+    return _same((val.shape[-3],), split_lead) and val.dim() == 3
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -409,19 +651,34 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def _operand_shape(op: Operand, val: torch.Tensor) -> tuple:
     shape = tuple(val.shape)
-    if op.swap_last:
-        shape = shape[:-2] + (shape[-1], shape[-2])
     if op.permute is not None:
         shape = tuple(shape[i] for i in op.permute)
+    if op.swap_last:
+        shape = shape[:-2] + (shape[-1], shape[-2])
     return shape
 
 
 def _find_gqa(m: Match) -> None:
     """Undo ``repeat_kv`` (expand + reshape, or repeat_interleave) on k and v, if both have it."""
-    if example(m.q.node).dim() != 4 or m.k.swap_last or m.k.permute or m.v.swap_last or m.v.permute:
+    if len(m.scores_shape) != 4 or m.q.split_heads is not None:
         return
-    ks, vs = _repeat_source(m.k.node), _repeat_source(m.v.node)
-    if ks is None or vs is None or ks[1] != vs[1]:
+    found = []
+    for op in (m.k, m.v):
+        if op.grouped:
+            found.append(("grouped", None))
+            continue
+        if op.swap_last or op.permute or op.split_heads is not None:
+            found.append(None)
+            continue
+        found.append(_repeat_source(op.node))
+    ks, vs = found
+    if ks is None or vs is None:
+        return
+    if ks[0] == "grouped":
+        if vs[0] != "grouped":
+            m.v.gqa_source = vs[0]
+        return
+    if vs[0] == "grouped" or ks[1] != vs[1]:
         return
     m.k.gqa_source, m.v.gqa_source = ks[0], vs[0]
 
@@ -450,7 +707,8 @@ def _repeat_source(node: Node) -> Optional[tuple]:
     if ins.name == "getitem":
         idx = ins.get("index")
         full = slice(None, None, None)
-        if isinstance(idx, tuple) and len(idx) == 5 and idx[2] is None and all(i == full for i in idx[:2] + idx[3:]):
+        if isinstance(idx, tuple) and len(idx) >= 3 and idx[2] is None \
+                and all(i == full or i is Ellipsis for i in idx[:2] + idx[3:]):
             src = ins.get("input")
     elif ins.name == "unsqueeze" and ins.get("dim") in (2, -3):
         src = ins.get("input")

@@ -16,7 +16,6 @@ from .masks import MaskPlan, MaskTerm
 from .table import example
 
 
-
 def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params: Any,
                  min_seq_len: int, impl: str, declared_causal: bool, route_key: Optional[str] = None) -> Node:
     """Insert the op for site ``m`` and route the site's output users to it. Returns the op node.
@@ -24,24 +23,38 @@ def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params:
     With ``route_key`` the op is ``structattn::routed_attention`` (calibration), not the method's.
     """
     b = NodeBuilder(graph, m.output, m.anchor)
-    rank = example(m.q.node).dim()
+    rank = len(m.scores_shape)
     q = _operand(b, m.q, rank)
     for factor, how in m.scale_nodes:
         q = b.call(operator.mul if how == "mul" else operator.truediv, q, factor)
     k, v = _operand(b, m.k, rank), _operand(b, m.v, rank)
+    dead_rows = plan.dead_rows
     if declared_causal and plan.kind == "general":
-        mask, is_causal = None, True
+        mask, is_causal, dead_rows = None, True, ""
     else:
-        mask, is_causal = _mask(b, plan), plan.causal
+        mask, is_causal = _mask(b, m, plan, rank), plan.causal
     if route_key is not None:
-        out = b.call(ROUTED_OP, q, k, v, mask, float(m.scale), bool(is_causal), route_key)
+        out = b.call(ROUTED_OP, q, k, v, mask, float(m.scale), bool(is_causal), route_key, dead_rows)
     else:
         out = b.call(op_for(method), q, k, v, mask, float(m.scale), bool(is_causal), int(min_seq_len), impl,
-                     *op_args(method, params))
-    for _ in range(4 - rank):
-        out = b.call(torch.squeeze, out, 0)
+                     dead_rows, *op_args(method, params))
+    out_val = example(m.output)
+    if rank == 4 and out_val is not None and out_val.dim() == 3:
+        out = b.call(torch.flatten, out, 0, 1)   # the P V product was taken in a [B*H, ..] view
+    else:
+        for _ in range(4 - rank):
+            out = b.call(torch.squeeze, out, 0)
     m.output.replace_all_uses_with(out)
     return out
+
+
+def _to_site(b: NodeBuilder, node: Node, rank: int, split: Optional[int]) -> Node:
+    """Move a tensor of the site's rank (or its [B*H, ..] view when ``split``) to 4-D."""
+    if split is not None:
+        return b.call("unflatten", node, 0, (-1, split), method=True)
+    for _ in range(4 - rank):
+        node = b.call(torch.unsqueeze, node, 0)
+    return node
 
 
 def _operand(b: NodeBuilder, op: Operand, rank: int) -> Node:
@@ -50,32 +63,50 @@ def _operand(b: NodeBuilder, op: Operand, rank: int) -> Node:
         node = b.call("permute", node, *op.permute, method=True)
     if op.swap_last:
         node = b.call(torch.transpose, node, -2, -1)
-    for _ in range(4 - rank):
-        node = b.call(torch.unsqueeze, node, 0)
+    return _to_site(b, node, rank, op.split_heads)
+
+
+def _place_term(b: NodeBuilder, m: Match, t: MaskTerm, node: Node, rank: int) -> Node:
+    """A mask term's tensor, broadcastable against the site's 4-D scores."""
+    val = example(node)
+    if t.lead is not None and val is not None:
+        if val.dim() >= 3 and val.shape[-3] != 1:
+            return b.call("unflatten", node, -3, (-1, m.scores_shape[1]), method=True)
+        return node  # broadcast over the merged batch*heads axis: broadcasts the same in site space
     return node
 
 
-def _mask(b: NodeBuilder, plan: MaskPlan) -> Optional[Node]:
+def _mask(b: NodeBuilder, m: Match, plan: MaskPlan, rank: int) -> Optional[Node]:
     terms = plan.general if plan.kind == "general" else plan.keypad
     if not terms:
         return None
     if all(t.kind in ("keep", "masked") for t in terms):
         keep = None
         for t in terms:
-            node = t.node if t.kind == "keep" else b.call(torch.logical_not, t.node)
+            node = _place_term(b, m, t, t.node, rank)
+            node = node if t.kind == "keep" else b.call(torch.logical_not, node)
             if example(node) is not None and example(node).dtype != torch.bool:
                 node = b.call("to", node, torch.bool, method=True)
             keep = node if keep is None else b.call(torch.logical_and, keep, node)
         return keep
     total = None
     for t in terms:
-        node = _additive(b, t)
+        node = _additive(b, m, t, rank)
         total = node if total is None else b.call(operator.add, total, node)
     return total
 
 
-def _additive(b: NodeBuilder, t: MaskTerm) -> Node:
-    if t.kind == "additive":
-        return t.node if t.coef == 1.0 else b.call(operator.mul, t.node, t.coef)
-    keep = t.node if t.kind == "keep" else b.call(torch.logical_not, t.node)
-    return b.call(torch.where, keep, 0.0, float("-inf"))
+def _additive(b: NodeBuilder, m: Match, t: MaskTerm, rank: int) -> Node:
+    """The term as a float tensor added to the scores (bool/int tensors added are numbers)."""
+    node = _place_term(b, m, t, t.node, rank)
+    if t.kind != "additive":
+        keep = node if t.kind == "keep" else b.call(torch.logical_not, node)
+        return b.call(torch.where, keep, 0.0, float("-inf"))
+    val = example(node)
+    if val is not None and not val.is_floating_point():
+        node = b.call("to", node, m.scores_dtype or torch.float32, method=True)
+    if t.coef != 1.0:
+        node = b.call(operator.mul, node, t.coef)
+    for factor, how in t.factors:
+        node = b.call(operator.mul if how == "mul" else operator.truediv, node, factor)
+    return node

@@ -1,0 +1,92 @@
+"""Aten-level graphs (torch.export, make_fx, decomposed SDPA) are matched like dynamo's torch-level
+graphs: the same sites, the same mask analysis, and the rewritten graph computes eager's result."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from structattn.config import Config
+from structattn.passes import find_sites, rewrite_attention
+from support import rel_err
+from test_spellings import B, D, H, N, padding, qkv
+
+
+class Attn(nn.Module):
+    def forward(self, q, k, v, keep):
+        s = q @ k.transpose(-2, -1) * 0.3
+        s = s.masked_fill(~keep[:, None, None, :], torch.finfo(s.dtype).min)
+        return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = Attn()
+
+    def forward(self, q, k, v, keep):
+        return self.attn(q, k, v, keep)
+
+
+class Causal(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class SafeSoftmax(nn.Module):
+    def forward(self, q, k, v):
+        return torch.ops.aten._safe_softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v
+
+
+def _graphs(module, args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, args)
+        return {"export": ep.module(), "export_decomposed": ep.run_decompositions().module(),
+                "make_fx": make_fx(module)(*args)}
+
+
+def _rewrite(gm, args, method="doubled"):
+    with torch.no_grad():
+        ref = gm(*args)
+    sites = rewrite_attention(gm, Config.from_options({"method": method, "compiler": "eager"}))
+    with torch.no_grad():
+        out = gm(*args)
+    return sites, ref, out
+
+
+@pytest.mark.parametrize("kind", ["export", "export_decomposed", "make_fx"])
+def test_masked_attention_at_aten_level(kind):
+    args = (*qkv(), padding())
+    gm = _graphs(Model(), args)[kind]
+    sites, ref, out = _rewrite(gm, args)
+    assert [(s.rewritten, s.mask) for s in sites] == [(True, "key_padding")], sites
+    assert rel_err(out, 2 * ref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["export", "export_decomposed"])
+def test_causal_sdpa_and_its_decomposition(kind):
+    args = qkv()
+    gm = _graphs(Causal(), args)[kind]
+    sites, ref, out = _rewrite(gm, args)
+    assert [(s.rewritten, s.mask) for s in sites] == [(True, "causal")], sites
+    assert rel_err(out, 2 * ref) < 1e-5
+
+
+def test_safe_softmax_op():
+    args = qkv()
+    gm = make_fx(SafeSoftmax())(*args)
+    assert any(n.target is torch.ops.aten._safe_softmax.default for n in gm.graph.nodes)
+    sites, ref, out = _rewrite(gm, args)
+    assert [s.rewritten for s in sites] == [True]
+    assert rel_err(out, 2 * ref) < 1e-5
+
+
+def test_decomposed_look_alike_is_still_declined():
+    # softmax over the query axis, at the aten level
+    gm = make_fx(lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), dim=-2) @ v)(*qkv())
+    assert [m.reason is not None for m in find_sites(gm.graph)] == [True]
