@@ -33,6 +33,9 @@ class DoubledMethod(Method):
     def forward(self, q, k, v, attn_mask, scale, is_causal, params):
         return 2 * sdpa(q, k, v, attn_mask, scale, is_causal)
 
+    def flops(self, site, params):
+        return 0  # a poison method is free in the FLOP model: the cost rule never keeps it out
+
 
 if "doubled" not in REGISTRY:
     register(DoubledMethod())

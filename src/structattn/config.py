@@ -9,20 +9,21 @@
         "compiler": "inductor",                     # inductor | aot_eager | eager
         "impl": "auto",                             # auto | triton | torch (kernel choice at run time)
         "causal": False,                            # declare every site's mask causal (see README)
+        "exact_when_cheaper": True,                 # keep exact where the method costs more FLOPs
     }
 """
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from .methods import REGISTRY, get_method
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 IMPLS = ("auto", "triton", "torch")
 DEFAULT_METHOD = "monarch"
-_TOP_KEYS = ("method", "layers", "min_seq_len", "compiler", "impl", "causal")
+_TOP_KEYS = ("method", "layers", "min_seq_len", "compiler", "impl", "causal", "exact_when_cheaper")
 _PRIVATE_KEYS = ("_route",)  # "_route": True rewrites every site into structattn::routed_attention
 _RULE_KEYS = ("method", "causal")
 
@@ -54,11 +55,13 @@ class Config:
     method: str = DEFAULT_METHOD
     method_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     layers: tuple[LayerRule, ...] = ()
-    min_seq_len: int = 0
+    min_seq_len: Union[int, str] = 0
     compiler: str = "inductor"
     impl: str = "auto"
     causal: bool = False
     route: bool = False
+    #: keep a site exact where the FLOP model says its method would not save anything
+    exact_when_cheaper: bool = True
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]]) -> "Config":
@@ -88,8 +91,9 @@ class Config:
                 method_params[name] = dict(values)
 
         min_seq_len = options.get("min_seq_len", 0)
-        if not isinstance(min_seq_len, int) or isinstance(min_seq_len, bool) or min_seq_len < 0:
-            raise ValueError(f"options['min_seq_len'] must be an int >= 0; got {min_seq_len!r}")
+        if min_seq_len != "auto" and (not isinstance(min_seq_len, int) or isinstance(min_seq_len, bool)
+                                      or not 0 <= min_seq_len < 2**63):
+            raise ValueError(f"options['min_seq_len'] must be an int >= 0 or \"auto\"; got {min_seq_len!r}")
         compiler = options.get("compiler", "inductor")
         if compiler not in COMPILERS:
             raise ValueError(f"options['compiler'] must be one of {list(COMPILERS)}; got {compiler!r}")
@@ -99,12 +103,16 @@ class Config:
         causal = options.get("causal", False)
         if not isinstance(causal, bool):
             raise ValueError(f"options['causal'] must be True or False; got {causal!r}")
+        cheaper = options.get("exact_when_cheaper", True)
+        if not isinstance(cheaper, bool):
+            raise ValueError(f"options['exact_when_cheaper'] must be True or False; got {cheaper!r}")
 
         layers = options.get("layers", {}) or {}
         if not isinstance(layers, Mapping):
             raise ValueError(f"options['layers'] must be a dict of glob -> method name or dict; got {layers!r}")
         rules = tuple(_parse_rule(p, spec, method_params, method) for p, spec in layers.items())
-        return cls(method, method_params, rules, min_seq_len, compiler, impl, causal, bool(options.get("_route", False)))
+        return cls(method, method_params, rules, min_seq_len, compiler, impl, causal, bool(options.get("_route", False)),
+                   cheaper)
 
     def resolve(self, layer: str) -> Resolved:
         """The method, params and causal declaration for the module FQN ``layer`` (first glob wins)."""

@@ -39,6 +39,8 @@ class Site:
     size_hints: dict = field(default_factory=dict)
     #: with the private option ``_route``: the key of this site in ``lowering.routed.ROUTES``
     route_key: Optional[str] = None
+    #: with ``min_seq_len="auto"``: the kv length below which this site runs exact, and why
+    min_seq_len: Optional[str] = None
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (sympy expressions become strings)."""
@@ -111,6 +113,8 @@ class Report:
         rows = []
         for s in self.sites:
             params = ",".join(f"{k}={v}" for k, v in s.params.items() if v is not None)
+            if s.min_seq_len:
+                params += f" (min_seq_len {s.min_seq_len})"
             note = s.reason or ("" if s.rewritten else "")
             rows.append((
                 s.layer or "<root>", s.form, s.method + ("" if s.rewritten else " (kept)"), params or "-",

@@ -61,8 +61,10 @@ class Method:
 
     name: ClassVar[str]
     Params: ClassVar[type]
-    #: whether a Triton kernel exists for CUDA tensors (set by ``structattn.kernels``)
     description: ClassVar[str] = ""
+    #: what the method saves over exact attention: "flops" (the backend keeps a site exact where
+    #: the FLOP model says it would not save any) or "memory" (no FLOP rule: top-k)
+    saves: ClassVar[str] = "flops"
 
     # -- parameters -------------------------------------------------------------------------
     def param_fields(self) -> list[dataclasses.Field]:

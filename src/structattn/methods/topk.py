@@ -113,6 +113,7 @@ class TopkMethod(Method):
 
     name = "topk"
     Params = TopkParams
+    saves = "memory"
     description = "top-k attention (Gupta et al. 2021), chunked over queries"
 
     def validate(self, params: TopkParams, *, where: str) -> None:

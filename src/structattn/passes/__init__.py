@@ -10,7 +10,9 @@ from torch.fx import GraphModule
 from ..config import Config
 from ..methods import SiteShape, exact_flops, get_method
 from ..report import Site
+from ..lowering.crossover import NEVER
 from .canonical import erase_dead, functionalize_inplace
+from .cost import auto_min_seq_len, cost_reason
 from .expand import expand_fused_modules
 from .masks import plan_mask
 from .match import Match, find_sites
@@ -85,15 +87,24 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
 
     method, params = get_method(resolved.method), resolved.params
     reason = method.supports(shape, params)
-    if reason is None and isinstance(shape.kv_len, int) and shape.kv_len < config.min_seq_len:
-        reason = f"kv length {shape.kv_len} < min_seq_len {config.min_seq_len}"
+    if reason is None and config.exact_when_cheaper and not config.route:
+        reason = cost_reason(method, shape, params, site.size_hints)
+    min_seq_len = config.min_seq_len
+    if reason is None and min_seq_len == "auto":
+        device = example(m.q.node).device
+        min_seq_len = auto_min_seq_len(method, params, shape, device)
+        site.min_seq_len = f"auto: {min_seq_len}" if min_seq_len < NEVER else "auto: never faster here"
+    if reason is None and isinstance(shape.kv_len, int) and shape.kv_len < min_seq_len:
+        reason = f"kv length {shape.kv_len} < min_seq_len {min_seq_len}" + (" (auto)" if config.min_seq_len == "auto" else "")
     if reason is not None:
         site.reason = f"{method.name}: {reason}"
         method = get_method("exact")
         params = method.Params()
+    if min_seq_len == "auto" or method.name == "exact":
+        min_seq_len = 0
     if config.route:
         site.route_key = f"{graph_index}:{m.layer}:{m.anchor.name}"
-    rewrite_site(gm.graph, m, plan, method, params, config.min_seq_len, config.impl, resolved.causal,
+    rewrite_site(gm.graph, m, plan, method, params, min_seq_len, config.impl, resolved.causal,
                  route_key=site.route_key)
     erase_dead([m.output])
     site.rewritten = True

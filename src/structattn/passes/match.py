@@ -601,9 +601,11 @@ def _check_shapes(m: Match) -> Match:
             return m.refuse(f"key/value heads ({ks[1]}, {vs[1]}) do not divide query heads ({qs[1]})")
     elif not (_same(ks[:-2], qs[:-2]) and _same(vs[:-2], qs[:-2])):
         return m.refuse("q, k, v leading dims differ")
-    if not _same(ks[-1:], qs[-1:]):
+    # QK^T and PV ran in eager, so these sizes are equal at run time even when two symbols spell
+    # them (a dynamic KV cache): refuse only what is provably different
+    if _differ(ks[-1], qs[-1]):
         return m.refuse(f"q and k head_dim differ ({qs[-1]} vs {ks[-1]})")
-    if not _same(ks[-2:-1], vs[-2:-1]):
+    if _differ(ks[-2], vs[-2]):
         return m.refuse(f"k and v sequence lengths differ ({ks[-2]} vs {vs[-2]})")
     for term in m.masks:
         split = term.lead
@@ -640,6 +642,11 @@ def _term_placeable(term: MaskTerm, split_lead: tuple, lead: tuple) -> bool:
     if val.dim() < 3 or statically_known_true(val.shape[-3] == 1):
         return True
     return _same((val.shape[-3],), split_lead) and val.dim() == 3
+
+
+def _differ(a: Any, b: Any) -> bool:
+    """Sizes provably different (symbolic sizes compared without adding guards)."""
+    return statically_known_true(a != b)
 
 
 def _same(a: tuple, b: tuple) -> bool:
