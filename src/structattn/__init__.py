@@ -4,7 +4,7 @@
     report = structattn.explain(model, *args, options={...})
     print(report)
 """
-from . import functional, methods
+from . import functional, hf, methods
 from .backend import register
 from .calibrate import calibrate
 from .config import Config
@@ -14,5 +14,5 @@ from .report import Report, Site, last_report
 
 _register_all()
 
-__all__ = ["Config", "Report", "Site", "calibrate", "explain", "functional", "last_report", "methods", "register"]
+__all__ = ["Config", "Report", "Site", "calibrate", "explain", "functional", "hf", "last_report", "methods", "register"]
 __version__ = "0.1.0"
