@@ -51,6 +51,7 @@ import torch
 
 from .config import Config, Resolved
 from .lowering.ops import op_args, op_for
+from .passes.cost import auto_min_seq_len, cost_reason
 from .methods import SiteShape, exact_flops, get_method
 from .methods.masks import causal_keep
 from .report import Site, _gflop, _heads
@@ -286,10 +287,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         where = f" (sliding_window={sliding})" if sliding is not None and kind == "general" else ""
         reason = f"{method.name}: {reason}{where}"
         method, params = get_method("exact"), get_method("exact").Params()
-    elif method.name != "exact" and key.shape[2] < config.min_seq_len:
-        reason = f"kv length below min_seq_len {config.min_seq_len}"
-    out = op_for(method)(query, key, value, mask, scale, bool(causal), config.min_seq_len, config.impl,
-                         *op_args(method, params))
+    elif config.exact_when_cheaper and cost_reason(method, site, params, {}) is not None:
+        reason = f"{method.name}: {cost_reason(method, site, params, {})}"
+        method, params = get_method("exact"), get_method("exact").Params()
+    else:
+        threshold = config.min_seq_len
+        if threshold == "auto":
+            threshold = auto_min_seq_len(method, params, site, query.device)
+        if method.name != "exact" and key.shape[2] < threshold:
+            reason = f"kv length below min_seq_len {threshold}" + (" (auto)" if config.min_seq_len == "auto" else "")
+    # decided above: the op runs what was chosen (min_seq_len 0), so the record tells the truth
+    out = op_for(method)(query, key, value, mask, scale, bool(causal), 0 if reason is None else 1 << 62,
+                         config.impl, "", *op_args(method, params))
     ran = method.name if reason is None else "exact"
     _record(binding, layer, resolved, query, key, value, ran, params if reason is None else None, reason,
             True, shown)
