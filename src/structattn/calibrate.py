@@ -490,8 +490,7 @@ def calibrate(
             return fn
 
         exact_outputs = []
-        _backend._COLLECTING.append(report)
-        try:
+        with _backend.collect(report, root=model) as session:
             with torch.no_grad():
                 for s in _bar(samples, progress, "calibrate: exact run"):
                     for _attempt in range(3):
@@ -510,8 +509,7 @@ def calibrate(
                         raise RuntimeError("calibrate: the model keeps compiling new graphs on the same sample")
                     exact_outputs.append(_call_output_fn(output_fn, out, s) if e2e else None)
                     del out
-        finally:
-            _backend._COLLECTING.pop()
+        _backend.finish_collecting(session, capture_opts, stacklevel=2)
         missing = sorted(s.route_key for s in report.sites if s.route_key and not store.get(s.route_key))
         if missing:
             warnings.warn(f"calibrate: sites {missing} were compiled but never ran on the samples; they stay "

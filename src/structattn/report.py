@@ -52,6 +52,8 @@ class GraphRecord:
     before: torch.fx.GraphModule
     after: torch.fx.GraphModule
     sites: list
+    #: ``{nn_module_stack key: module FQN}`` as resolved when the graph was compiled
+    module_names: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -156,18 +158,16 @@ class Report:
         Nodes are ``"g<i>:<name>"`` with attributes op, target, layer and, for structattn ops,
         the site's method; edges follow data flow.
         """
+        from .passes.fqn import module_path
+
         g = nx.DiGraph()
         for i, rec in enumerate(self.graphs):
             gm = rec.after if which == "after" else rec.before
             site_by_node = {s.node: s for s in rec.sites}
             for node in gm.graph.nodes:
                 attrs = {"op": node.op, "target": _target(node), "graph": i}
-                stack = node.meta.get("nn_module_stack")
-                if stack:
-                    from .passes.fqn import normalize
-
-                    entry = list(stack.values())[-1]
-                    attrs["layer"] = normalize(entry[0] if isinstance(entry, tuple) else str(entry))
+                if node.meta.get("nn_module_stack"):
+                    attrs["layer"] = module_path(node, rec.module_names)
                 if "structattn." in attrs["target"]:
                     attrs["method"] = attrs["target"].split("structattn.")[1].split("_attention")[0]
                 if node.name in site_by_node:
