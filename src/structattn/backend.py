@@ -107,12 +107,8 @@ def structattn_backend(gm: GraphModule, example_inputs: list, options: Optional[
     session = _session_for(options)
     report = session.report
     names = session.names_for(gm)
-    if names.get(FRAME_KEY) and (config.layers or config.route):
-        # layer names come from the frame's own module, which dynamo guards by type only: pin the
-        # graph to this module so each layer gets its own rule (and its own calibration route)
-        own = origin.frame_module()
-        if own is not None:
-            origin.guard_frame_module(own)
+    if names.get(FRAME_KEY):
+        _pin_or_note_layer_frame(session, config, names[FRAME_KEY])
     before = _copy_graph_module(gm)
     with naming(names):
         sites = rewrite_attention(gm, config, graph_index=len(report.graphs))
@@ -130,6 +126,22 @@ def structattn_backend(gm: GraphModule, example_inputs: list, options: Optional[
         session.warn_unmatched(config, stacklevel=2)
     set_last(report)
     return compiled
+
+
+def _pin_or_note_layer_frame(session: _Session, config: Config, name: str) -> None:
+    """The graph is one layer's own frame (dynamo runs the loop over layers eagerly after a graph
+    break in it) and dynamo guards that layer by its type only, so the graph would serve every
+    layer of the class. With per-layer rules (or calibration routes) pin it to this layer with an
+    identity guard; otherwise the shared graph is right for all of them and the report says so."""
+    own = origin.frame_module()
+    if own is None:
+        return
+    if (config.layers or config.route) and origin.guard_frame_module(own):
+        return
+    note = (f"structattn: dynamo traces each {type(own).__name__} layer as its own frame and reuses one graph "
+            f"for all of them; their sites are reported once, under the first one traced ({name})")
+    if note not in session.report.warnings:
+        session.report.warnings.append(note)
 
 
 def _session_for(options: Optional[Mapping]) -> _Session:
