@@ -93,17 +93,15 @@ def collect(report: Report, root: Any = None) -> Iterator[_Session]:
 
 def finish_collecting(session: _Session, options: Any, stacklevel: int = 2) -> None:
     """Warn about globs that matched no layer in any graph of a ``collect`` run."""
-    session.warn_unmatched(Config.from_options(copy.deepcopy(dict(options or {}))), stacklevel + 1)
+    session.warn_unmatched(Config.from_options(copy.deepcopy(Config.checked_dict(options))), stacklevel + 1)
 
 
 def structattn_backend(gm: GraphModule, example_inputs: list, options: Optional[dict] = None, **kwargs: Any) -> Callable:
     """Dynamo backend: rewrite attention sites of ``gm`` per ``options`` and compile the result."""
     if kwargs:
         raise ValueError(f"structattn backend: unexpected arguments {sorted(kwargs)}; pass settings in options={{...}}")
-    if options is not None and not isinstance(options, Mapping):
-        raise ValueError(f"structattn backend: options must be a dict of settings; got {type(options).__name__} "
-                         f"{options!r}")
-    config = Config.from_options(copy.deepcopy(dict(options or {})))
+    # torch.compile hands `options` over as given (a list or a string too): Config says what is wrong
+    config = Config.from_options(copy.deepcopy(Config.checked_dict(options)))
     session = _session_for(options)
     report = session.report
     names = session.names_for(gm)
