@@ -98,12 +98,17 @@ def test_normalize_reads_dynamo_sources(source, name):
     assert normalize(source) == name
 
 
-def test_names_by_id_uses_the_outermost_root():
+def test_names_by_id_prefers_the_compiled_root_then_the_outermost_frame_module():
     model = LoopBreak()
     inner = model.blocks[1]
-    ids = names_by_id([(inner, ""), (model, ""), (nn.Linear(2, 2), "helper")])
+    # frame modules: the outer one names the inner one's submodules
+    ids = names_by_id([], [(inner, ""), (model, ""), (nn.Linear(2, 2), "helper")])
     assert ids[id(inner.proj)] == "blocks.1.proj" and ids[id(model)] == ""
     assert sorted(n for n in ids.values() if n.startswith("helper")) == ["helper"]
+    # the compiled model wins even over a global container that holds it
+    container = nn.ModuleDict({"model": model, "other": nn.Linear(2, 2)})
+    ids = names_by_id([(model, "")], [(container, "pipeline")])
+    assert ids[id(inner.proj)] == "blocks.1.proj" and ids[id(container["other"])] == "pipeline.other"
 
 
 # ------------------------------------------------------------------------------------------------

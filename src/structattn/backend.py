@@ -36,19 +36,25 @@ class _Session:
 
     def __init__(self, report: Report, roots=(), defer_warnings: bool = False):
         self.report = report
-        self.roots: list = []               # (weak reference to a module, prefix)
+        self.roots: list = []               # (weak reference to a module, prefix): the compiled model...
+        self.frame_roots: list = []         # ...and modules met in traced frames (see names_by_id)
         self.defer_warnings = defer_warnings
         self.known_names: set = set()       # every module name under the roots, every layer seen
         self.has_modules = False            # some root module is known: known_names is complete
         self.warned: set = set()
         self.add_roots(roots)
 
-    def add_roots(self, roots) -> None:
-        have = {(id(r()), p) for r, p in self.roots}
+    def add_roots(self, roots, into: Optional[list] = None) -> None:
+        into = self.roots if into is None else into
+        have = {(id(r()), p) for r, p in into}
         for module, prefix in roots:
             if isinstance(module, torch.nn.Module) and (id(module), prefix) not in have:
-                self.roots.append((weakref.ref(module), prefix))
+                into.append((weakref.ref(module), prefix))
                 have.add((id(module), prefix))
+
+    @staticmethod
+    def _alive(refs: list) -> list:
+        return [(r(), p) for r, p in refs if r() is not None]
 
     def names_for(self, gm: GraphModule) -> dict:
         """``{nn_module_stack key: FQN}`` for ``gm``: by identity under the session's roots, the
@@ -56,8 +62,9 @@ class _Session:
         sources = [e[0] if isinstance(e, tuple) else str(e)
                    for node in gm.graph.nodes for e in (node.meta.get("nn_module_stack") or {}).values()]
         own = origin.frame_module()
-        self.add_roots(origin.compile_roots() + origin.frame_roots(sources) + ([(own, "")] if own is not None else []))
-        ids = names_by_id([(r(), p) for r, p in self.roots if r() is not None])
+        self.add_roots(origin.compile_roots())
+        self.add_roots(origin.frame_roots(sources) + ([(own, "")] if own is not None else []), self.frame_roots)
+        ids = names_by_id(self._alive(self.roots), self._alive(self.frame_roots))
         if ids:
             self.has_modules = True
             self.known_names.update(ids.values())

@@ -95,18 +95,28 @@ def normalize(source: str) -> str:
     return ".".join(parts)
 
 
-def names_by_id(roots: Iterable[tuple[torch.nn.Module, str]]) -> dict[int, str]:
-    """``{id(module): FQN}`` for every module under ``roots`` (``(module, prefix)`` pairs, in
-    priority order). A root that is itself a submodule of another root adds nothing (the outer
-    root names it), so names are always relative to the outermost module known."""
-    maps = []
-    for module, prefix in roots:
-        if not isinstance(module, torch.nn.Module) or any(id(module) == id(m) for m, _, _ in maps):
-            continue
-        maps.append((module, prefix, {id(sub): name for name, sub in module.named_modules(prefix=prefix)}))
+def names_by_id(roots: Iterable[tuple[torch.nn.Module, str]],
+                more: Iterable[tuple[torch.nn.Module, str]] = ()) -> dict[int, str]:
+    """``{id(module): FQN}`` for every module under the root modules (``(module, prefix)`` pairs).
+
+    ``roots`` are authoritative and go first (the compiled model, the module ``explain`` was
+    given); each names what no earlier one did. ``more`` (modules found in a traced frame) only
+    name modules none of ``roots`` covers, and one that sits inside another root adds nothing, so
+    names are relative to the outermost module known."""
+    roots, more = list(roots), list(more)
+    trees = {}
+    for module, prefix in roots + more:
+        if isinstance(module, torch.nn.Module) and (id(module), prefix) not in trees:
+            trees[(id(module), prefix)] = {id(sub): name for name, sub in module.named_modules(prefix=prefix)}
     out: dict[int, str] = {}
-    for module, _, ids in maps:
-        if any(id(module) in other for m, _, other in maps if m is not module):
+    for module, prefix in roots:
+        for key, name in trees.get((id(module), prefix), {}).items():
+            out.setdefault(key, name)
+    for module, prefix in more:
+        ids = trees.get((id(module), prefix))
+        if ids is None or id(module) in out:
+            continue
+        if any(id(module) in other for key, other in trees.items() if key != (id(module), prefix)):
             continue
         for key, name in ids.items():
             out.setdefault(key, name)
