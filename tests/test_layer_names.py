@@ -250,4 +250,4 @@ def test_layer_frames_shared_without_rules_are_reported_as_shared():
     assert rel_err(out, ref) < 1e-5                      # every layer ran the rewritten graph
     assert {s.layer for s in report.sites} <= {"blocks.0", "blocks.1", "blocks.2"}
     if len(report.sites) < 3:
-        assert any("reuses one graph" in w for w in report.warnings), str(report)
+        assert any("one graph may serve several" in w for w in report.warnings), str(report)

@@ -89,7 +89,7 @@ def collect(report: Report, root: Any = None) -> Iterator[_Session]:
     """Within this block every graph the backend compiles goes to ``report`` (one session), layer
     names are resolved against ``root`` (a module, or the callable that was compiled) first, and
     unmatched-glob warnings wait for ``finish_collecting``."""
-    owner = origin._owning_module(root) if root is not None else None
+    owner = origin.owning_module(root) if root is not None else None
     session = _Session(report, [(owner, "")] if owner is not None else [], defer_warnings=True)
     _COLLECTING.append(session)
     try:
@@ -141,10 +141,23 @@ def _pin_or_note_layer_frame(session: _Session, config: Config, name: str) -> No
     own = origin.frame_module()
     if own is None:
         return
-    if (config.layers or config.route) and origin.guard_frame_module(own):
+    siblings = [m for root, _ in session._alive(session.roots + session.frame_roots)
+                for m in root.modules() if type(m) is type(own)]
+    if len({id(m) for m in siblings}) < 2:
+        return                       # the only module of its class: nothing else can reuse the graph
+    if config.layers or config.route:
+        if origin.guard_frame_module(own):
+            return
+        msg = (f"structattn: dynamo traces each {type(own).__name__} layer as its own frame and may reuse one "
+               f"graph for all of them; structattn could not pin the graph to {name}, so per-layer rules "
+               f"of options['layers'] may reach other {type(own).__name__} layers as they reach {name}")
+        if msg not in session.report.warnings:
+            session.report.warnings.append(msg)
+            warnings.warn(msg, stacklevel=3)
         return
-    note = (f"structattn: dynamo traces each {type(own).__name__} layer as its own frame and reuses one graph "
-            f"for all of them; their sites are reported once, under the first one traced ({name})")
+    note = (f"structattn: dynamo traces each {type(own).__name__} layer as its own frame and guards it by type "
+            f"only, so one graph may serve several of them: its sites are reported under the layer traced "
+            f"first ({name})")
     if note not in session.report.warnings:
         session.report.warnings.append(note)
 

@@ -71,7 +71,7 @@ def compile_roots() -> list[tuple[torch.nn.Module, str]]:
         if isinstance(local.get("self"), ctx_cls) and callable(local.get("fn")) and "args" in local:
             fn = local["fn"]
             roots: list = []
-            owner = _owning_module(fn)
+            owner = owning_module(fn)
             if owner is not None:
                 roots.append((owner, ""))
             roots += [(m, "") for m in _modules_in(local.get("args"))]
@@ -84,7 +84,7 @@ def compile_roots() -> list[tuple[torch.nn.Module, str]]:
     return []
 
 
-def _owning_module(fn: Any) -> Optional[torch.nn.Module]:
+def owning_module(fn: Any) -> Optional[torch.nn.Module]:
     """The module ``fn`` is, is bound to, or wraps (``functools.wraps`` chains)."""
     for _ in range(8):
         for candidate in (fn, getattr(fn, "__self__", None)):
