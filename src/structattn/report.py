@@ -268,5 +268,7 @@ def set_last(report: Report) -> None:
 
 
 def last_report() -> Optional[Report]:
-    """The Report of the latest structattn compile in this process (None before any)."""
+    """The Report of the latest structattn compile in this process (None before any): every graph
+    compiled so far for that ``torch.compile`` call (graph breaks, recompiles for new shapes), or
+    the report of the latest ``explain``/``calibrate`` run."""
     return _LAST[0]
