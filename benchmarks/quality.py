@@ -80,12 +80,8 @@ class RoutedModel:
         opts = {**(options or {}), "_route": True, "method": "exact", "compiler": "eager"}
         self.compiled = torch.compile(model, backend="structattn", options=opts, dynamic=False)
         self.report = Report(options=opts)
-        _backend._COLLECTING.append(self.report)
-        try:
-            with torch.no_grad():
-                self.compiled(**example)
-        finally:
-            _backend._COLLECTING.pop()
+        with _backend.collect(self.report, root=model), torch.no_grad():
+            self.compiled(**example)
         self.sites = [s for s in self.report.sites if s.route_key is not None]
         if not self.sites:
             raise RuntimeError(f"no attention site was routed:\n{self.report}")

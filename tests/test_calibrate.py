@@ -141,6 +141,28 @@ def test_key_padded_query_rows_do_not_count():
         assert choice.chosen.error == pytest.approx(errs[choice.layer], rel=1e-3, abs=1e-6)
 
 
+def test_samples_with_and_without_a_mask_are_each_measured_with_their_own_mask():
+    # the two kinds of sample compile two graphs (a site per layer in each, masks "none" and
+    # "key_padding"); a layer is calibrated on both and its choice meets the budget on both
+    model = tiny_model()
+    (x,), (y,) = tiny_inputs(n_samples=2)
+    mask = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+    mask[1, ..., 40:] = False
+    samples = [(x,), (y, mask)]
+    options = structattn.calibrate(model, samples, budget=0.15, progress=False, verbose=False)
+    layers = options.summary.layers
+    assert [l.mask for l in layers] == ["none, key_padding"] * 3
+    assert [l.calls for l in layers] == [2] * 3
+    assert any(l.chosen.method != "exact" for l in layers), str(options.summary)
+    errs = recompute_layer_errors(model, samples, options)
+    for choice in layers:
+        assert errs[choice.layer] <= 0.15 + 1e-6
+        assert choice.chosen.error == pytest.approx(errs[choice.layer], rel=1e-3, abs=1e-6)
+    for sample in samples:          # the chosen methods run on both graphs (none falls back to exact)
+        frac, report = flop_fraction(model, sample, options)
+        assert frac < 1.0 and all(s.reason is None for s in report.sites), str(report)
+
+
 def test_head_subsampling_on_grouped_query_attention():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, vocab_size=100, hidden_size=32,
@@ -337,12 +359,34 @@ def test_bad_budget_raises(budget, match):
     (dict(options={"method": "nope"}), "unknown method"),
     (dict(options={"layers": ["x"]}), "must be a dict"),
     (dict(candidates={"monarch": [{"block": 4}]}), "unknown parameter 'block'"),
+    (dict(options=["method", "topk"]), "options must be a dict"),
+    (dict(options="topk"), "options must be a dict"),
+    (dict(options={"topk": {"k": 2 ** 70}}), r"options\['topk'\]\['k'\] = .* int64"),
+    (dict(max_evals=-1), "max_evals must be an int >= 0"),
+    (dict(max_evals=2.5), "max_evals must be an int >= 0"),
 ])
 def test_bad_inputs_raise(kwargs, match):
     args = dict(sample_inputs=tiny_inputs(n_samples=1), budget=0.2, progress=False, verbose=False)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         structattn.calibrate(tiny_model(), **args)
+
+
+def test_output_fn_must_return_a_tensor():
+    with pytest.raises(ValueError, match="output_fn.*must return a torch.Tensor.*got float"):
+        structattn.calibrate(tiny_model(), tiny_inputs(n_samples=1), budget={"cosine": 0.99},
+                             output_fn=lambda out, sample: float(out.mean()), progress=False, verbose=False)
+
+
+def test_a_tuple_of_samples_is_one_sample_and_says_so():
+    (x,), (y,) = tiny_inputs(n_samples=2)
+    with pytest.raises(TypeError, match="tuple of 3 item.*ONE sample.*as a list"):
+        structattn.calibrate(tiny_model(), (x, y, y), budget=0.2, progress=False, verbose=False)
+    # the documented meaning: (x, mask) is one sample model(x, mask)
+    mask = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+    a = structattn.calibrate(tiny_model(), (x, mask), budget=0.2, progress=False, verbose=False)
+    b = structattn.calibrate(tiny_model(), [(x, mask)], budget=0.2, progress=False, verbose=False)
+    assert dict(a) == dict(b) and a.summary.samples == 1
 
 
 def test_sample_forms_are_equivalent():

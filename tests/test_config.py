@@ -24,6 +24,11 @@ from structattn.config import Config
     ({"layers": {"a.*": 3}}, "options['layers']['a.*']"),
     ({"exact": {"x": 1}}, "unknown parameter 'x'"),
     ({"exact": 5}, "options['exact']"),
+    ({"topk": {"k": 2 ** 70}}, "options['topk']['k'] = 1180591620717411303424 is outside the int64 range"),
+    ({"layers": {"a.*": {"method": "topk", "k": -2 ** 64}}}, "options['layers']['a.*']['k']"),
+    ({"min_seq_len": 2 ** 63}, "options['min_seq_len'] = 9223372036854775808"),
+    (["method", "topk"], "options must be a dict of settings"),
+    ("topk", "options must be a dict of settings"),
 ])
 def test_bad_options_name_the_key(options, key):
     with pytest.raises(ValueError) as err:
@@ -63,3 +68,24 @@ def test_unmatched_glob_warns_once():
     msgs = [str(w.message) for w in caught if "matches no layer" in str(w.message)]
     assert len(msgs) == 1 and "'decoder.*'" in msgs[0]
     assert report.warnings == msgs
+
+
+@pytest.mark.parametrize("options", [["method", "topk"], "topk", {"topk": {"k": 2 ** 70}}])
+def test_bad_options_fail_clearly_through_compile_and_explain(options):
+    """torch.compile hands a non-dict ``options`` to the backend as it is: the backend says what is
+    wrong (through dynamo's BackendCompilerFailed), explain before compiling."""
+    q = torch.randn(1, 2, 4, 8)
+
+    def fn(q):
+        return torch.softmax(q @ q.transpose(-2, -1), -1) @ q
+
+    want = "int64" if isinstance(options, dict) else "options must be a dict"
+    with pytest.raises(Exception, match=want):
+        torch.compile(fn, backend="structattn", options=options)(q)
+    with pytest.raises(ValueError, match=want):
+        structattn.explain(fn, q, options=options)
+
+
+def test_int64_bounds_are_accepted():
+    cfg = Config.from_options({"method": "topk", "topk": {"k": 2 ** 63 - 1}, "min_seq_len": 2 ** 63 - 1})
+    assert cfg.min_seq_len == 2 ** 63 - 1

@@ -109,7 +109,7 @@ class LayerChoice:
     """What calibration measured and chose for one layer (module FQN)."""
 
     layer: str
-    mask: str
+    mask: str                   # mask kind(s) of its sites, e.g. "none, key_padding"
     q_len: int
     kv_len: int
     num_heads: int
@@ -317,7 +317,10 @@ def _call_output_fn(output_fn: Optional[Callable], output: Any, sample: tuple[tu
     args, kwargs = sample
     inputs = kwargs if kwargs and not args else args if args and not kwargs else (args, kwargs)
     res = output_fn(output, inputs)
-    return res.detach() if isinstance(res, torch.Tensor) else res
+    if not isinstance(res, torch.Tensor):
+        raise ValueError(f"calibrate: output_fn(output, sample) must return a torch.Tensor (what the end-to-end "
+                         f"budget compares); got {type(res).__name__} {res!r:.80}")
+    return res.detach()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,6 +414,10 @@ def calibrate(
             It runs in eval mode during calibration (its mode is restored afterwards).
         sample_inputs: one sample or a list of samples. A sample is a dict of keyword arguments
             (``model(**sample)``), a tuple of positional arguments (``model(*sample)``) or a tensor.
+            Several samples must be a list: a tuple ``(x1, x2)`` is ONE sample, ``model(x1, x2)``.
+            Samples may differ in shape and in which arguments they pass (e.g. some with and some
+            without ``attention_mask``): each layer's candidates are measured on every call with
+            that call's own mask, and only candidates every one of its sites supports are kept.
         budget: a float: the per-layer relative error ``||Y~ - Y||_F / ||Y||_F`` of each attention
             layer's output (exact layer inputs), same as ``{"layer_error": e}``. Or a dict with any of
             ``"layer_error"`` (per-layer cap), ``"cosine"`` (mean cosine between approximate and
@@ -418,7 +425,8 @@ def calibrate(
             minimum >= value), ``"metric"`` (``metric_fn(...) <= value``). The end-to-end keys are
             measured on the whole model.
         methods: method names to try (default ``("monarch", "mra", "topk")``); exact is always allowed.
-        output_fn: ``output_fn(output, sample) -> Tensor`` (``sample`` is the dict / tuple given),
+        output_fn: ``output_fn(output, sample) -> Tensor`` (``sample`` is the dict / tuple given;
+            anything but a tensor is a ValueError),
             what end-to-end budgets compare (e.g. pooled sentence embeddings, or per-token NLL for a
             ``metric_fn``). Default: the output tensor (``last_hidden_state`` / ``logits`` / first).
         metric_fn: ``metric_fn(approx, exact, samples) -> float``, lower is better, where ``approx``
@@ -433,7 +441,8 @@ def calibrate(
             replacing ``default_candidates`` for that method.
         max_kv_heads: measure layer errors on at most this many (evenly spaced) key/value heads and
             their query heads, to bound time on long inputs (FLOPs are still for all heads).
-        max_evals: cap on end-to-end model runs in the search (default ``2 * layers + 12``).
+        max_evals: cap on end-to-end model runs in the search, an int >= 0 (default
+            ``2 * layers + 12``; with 0 an end-to-end budget keeps every layer exact).
         screen: with more than 6 candidates for a layer, first measure them all on a small probe
             (the first call, <= 2 kv heads, <= 4 batch items) and measure in full only those within
             1.2x of the probe's Pareto front (a 2-5x saving; ``False`` measures every candidate).
@@ -455,7 +464,7 @@ def calibrate(
     budget = _normalize_budget(budget, metric_fn)
     e2e = any(k in budget for k in ("cosine", "min_cosine", "metric"))
     names = _check_methods(methods)
-    base = dict(options or {})
+    base = Config.checked_dict(options)
     for key in ("_route",):
         base.pop(key, None)
     if "layers" in base and not isinstance(base["layers"], Mapping):
@@ -465,6 +474,9 @@ def calibrate(
         raise ValueError(f"calibrate: layers must be a list of fnmatch globs; got {layers!r}")
     if max_kv_heads is not None and (not isinstance(max_kv_heads, int) or max_kv_heads < 1):
         raise ValueError(f"calibrate: max_kv_heads must be an int >= 1 or None; got {max_kv_heads!r}")
+    if max_evals is not None and (isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 0):
+        raise ValueError(f"calibrate: max_evals must be an int >= 0 (end-to-end runs of the search) or None; "
+                         f"got {max_evals!r}")
     if candidates is not None:
         for name in candidates:
             _check_methods([name])
@@ -490,14 +502,13 @@ def calibrate(
             return fn
 
         exact_outputs = []
-        _backend._COLLECTING.append(report)
-        try:
+        with _backend.collect(report, root=model) as session:
             with torch.no_grad():
                 for s in _bar(samples, progress, "calibrate: exact run"):
                     for _attempt in range(3):
                         before = {key: len(calls) for key, calls in store.items()}
                         n_keys = len(keys)
-                        out = compiled(*s[0], **s[1])
+                        out = _run_sample(compiled, s, sample_inputs)
                         _route_all_new(report, routed, capture, keys)
                         if len(keys) == n_keys:
                             break
@@ -510,8 +521,7 @@ def calibrate(
                         raise RuntimeError("calibrate: the model keeps compiling new graphs on the same sample")
                     exact_outputs.append(_call_output_fn(output_fn, out, s) if e2e else None)
                     del out
-        finally:
-            _backend._COLLECTING.pop()
+        _backend.finish_collecting(session, capture_opts, stacklevel=2)
         missing = sorted(s.route_key for s in report.sites if s.route_key and not store.get(s.route_key))
         if missing:
             warnings.warn(f"calibrate: sites {missing} were compiled but never ran on the samples; they stay "
@@ -520,15 +530,14 @@ def calibrate(
         # ---- 2. per-layer table of (method, params) -> error, FLOPs --------------------------------
         skipped = [f"{s.layer or '<root>'}: {s.reason}" for s in report.sites if s.route_key is None]
         groups: dict[str, list] = {}
-        masks: dict[str, str] = {}
+        masks: dict[str, str] = {}       # route key -> the mask kind of that site
         for s in report.sites:
             if s.route_key is None:
                 continue
             groups.setdefault(s.layer, []).append(s.route_key)
-            kind = s.mask.replace(" (declared)", "")
-            if masks.get(s.layer, kind) != kind:
-                kind = "general"    # two sites of one FQN with different masks: be conservative
-            masks[s.layer] = kind
+            # sites of one layer may differ in mask (samples with and without attention_mask
+            # compile separate graphs): each keeps its own kind, and a candidate must support all
+            masks[s.route_key] = s.mask.replace(" (declared)", "")
         choices = _measure_layers(groups, masks, store, names, candidates, layers, budget, max_kv_heads,
                                   min_seq_len, impl, run_method, screen, progress)
         exact_total = sum(c.front[-1].flops for c in choices)
@@ -578,6 +587,19 @@ def calibrate(
 # ------------------------------------------------------------------------------------------------
 # helpers of calibrate
 # ------------------------------------------------------------------------------------------------
+def _run_sample(compiled: Callable, sample: tuple[tuple, dict], sample_inputs: Any) -> Any:
+    """``compiled(*args, **kwargs)`` of one sample; a tuple given as ``sample_inputs`` is one
+    sample's positional arguments, and a call that does not fit says so."""
+    try:
+        return compiled(*sample[0], **sample[1])
+    except TypeError as err:
+        if isinstance(sample_inputs, tuple):
+            raise TypeError(f"calibrate: sample_inputs is a tuple of {len(sample_inputs)} item(s), which means ONE "
+                            f"sample of positional arguments, model(*sample_inputs), and that call failed: {err}. "
+                            f"Pass several samples as a list, e.g. [(x1,), (x2,)] or [x1, x2].") from err
+        raise
+
+
 def _check_methods(methods: Optional[Sequence[str]]) -> list[str]:
     if methods is None:
         return [m for m in DEFAULT_METHODS if m in REGISTRY]
@@ -643,8 +665,8 @@ def _measure_layers(groups, masks, store, names, candidates, allowed, budget, ma
         calls = [c for key in keys for c in store.get(key, [])]
         if not calls:
             continue
-        kind = masks[layer]
-        shapes = [_shape_of(c, kind) for c in calls]
+        shapes = [_shape_of(c, masks[key]) for key in keys for c in store.get(key, [])]
+        kinds = ", ".join(dict.fromkeys(sh.mask for sh in shapes))
         todo, refused = [], {}
         if allowed is None or any(fnmatch.fnmatchcase(layer, p) for p in allowed):
             for name in names:
@@ -663,11 +685,11 @@ def _measure_layers(groups, masks, store, names, candidates, allowed, budget, ma
                     full = {f.name: getattr(params, f.name) for f in method.param_fields()}
                     todo.append((method, params, full, flops))
         total += len(todo)
-        plan.append((layer, calls, shapes, todo, refused))
+        plan.append((layer, kinds, calls, shapes, todo, refused))
 
     choices = []
     bar = _bar(None, progress, "calibrate: layer errors", total=total)
-    for layer, calls, shapes, todo, refused in plan:
+    for layer, kinds, calls, shapes, todo, refused in plan:
         sampled = [_subsample_heads(c, max_kv_heads) for c in calls]
         exact_f = sum(float(exact_flops(sh)) for sh in shapes)
         measured = [Candidate("exact", {}, 0.0, exact_f, exact_f)]
@@ -693,7 +715,7 @@ def _measure_layers(groups, masks, store, names, candidates, allowed, budget, ma
                 bar.update(1)
         front = _pareto(measured, budget.get("layer_error"))
         sh = shapes[0]
-        choices.append(LayerChoice(layer, masks[layer], sh.q_len, sh.kv_len, sh.num_heads, sh.num_kv_heads,
+        choices.append(LayerChoice(layer, kinds, sh.q_len, sh.kv_len, sh.num_heads, sh.num_kv_heads,
                                    sh.head_dim, len(calls), measured, front, front[-1], refused, screened_out))
     bar.close()
     return choices

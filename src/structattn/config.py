@@ -63,20 +63,27 @@ class Config:
     #: keep a site exact where the FLOP model says its method would not save anything
     exact_when_cheaper: bool = True
 
+    @staticmethod
+    def checked_dict(options: Any) -> dict:
+        """``options`` as a new dict (None -> {}); ValueError when it is not a dict of settings."""
+        if options is None:
+            return {}
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options must be a dict of settings such as {{'method': 'topk', 'topk': {{'k': 32}}}}; "
+                             f"got {type(options).__name__} {options!r}")
+        return dict(options)
+
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]]) -> "Config":
         """Validate ``options`` (see module docstring); ValueError names the key and allowed values."""
-        if options is None:
-            options = {}
         if isinstance(options, Config):
             return options
-        if not isinstance(options, Mapping):
-            raise ValueError(f"options must be a dict; got {type(options).__name__}")
-        options = dict(options)
+        options = cls.checked_dict(options)
         allowed = list(_TOP_KEYS) + sorted(REGISTRY)
         for key in options:
             if key not in allowed and key not in _PRIVATE_KEYS:
                 raise ValueError(f"options: unknown key {key!r}; allowed: {allowed}")
+        _check_int_range(options, "options")
 
         method = options.get("method", DEFAULT_METHOD)
         _check_method("options['method']", method)
@@ -131,6 +138,21 @@ class Config:
     def unmatched_globs(self, layers: list[str]) -> list[str]:
         """Globs in ``options['layers']`` that match none of ``layers``."""
         return [r.pattern for r in self.layers if not any(fnmatch.fnmatchcase(l, r.pattern) for l in layers)]
+
+
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def _check_int_range(value: Any, where: str) -> None:
+    """Every int in ``value`` (nested dicts/lists) must fit the int64 the attention ops take."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_int_range(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_int_range(item, f"{where}[{i}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{where} = {value} is outside the int64 range [-2**63, 2**63 - 1] the attention ops take")
 
 
 def _check_method(key: str, name: Any) -> None:

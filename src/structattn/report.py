@@ -54,6 +54,8 @@ class GraphRecord:
     before: torch.fx.GraphModule
     after: torch.fx.GraphModule
     sites: list
+    #: ``{nn_module_stack key: module FQN}`` as resolved when the graph was compiled
+    module_names: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -94,17 +96,21 @@ class Report:
 
     def flop_fraction(self, **sizes) -> Optional[float]:
         """Estimated/exact attention FLOPs as a float. Symbolic lengths take their traced values
-        unless given, e.g. ``flop_fraction(s0=4096)``."""
-        est, exact = self.total_flops()
+        unless given, e.g. ``flop_fraction(s0=4096)`` (each site's own traced values: graphs of
+        one compile may reuse a symbol name for another size)."""
+        est, exact = self._totals_at(sizes)
         if exact == 0:
             return None
-        values = {**self.hints(), **sizes}
-        ratio = sympy.sympify(est) / sympy.sympify(exact)
-        ratio = ratio.subs({sym: values[str(sym)] for sym in ratio.free_symbols if str(sym) in values})
         try:
-            return float(ratio)
+            return float(sympy.sympify(est) / sympy.sympify(exact))
         except TypeError:
             return None
+
+    def _totals_at(self, sizes: dict) -> tuple:
+        """(estimated, exact) FLOPs summed over sites, each at ``sizes`` then its traced sizes."""
+        known = [s for s in self.sites if s.flops is not None and s.exact_flops is not None]
+        return (sum((_at(s.flops, {**s.size_hints, **sizes}) for s in known), 0),
+                sum((_at(s.exact_flops, {**s.size_hints, **sizes}) for s in known), 0))
 
     # -- rendering -----------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -128,17 +134,32 @@ class Report:
         n = len(self.sites)
         rewritten = sum(s.rewritten for s in self.sites)
         approx = sum(s.rewritten and s.method != "exact" for s in self.sites)
-        est, exact = self.total_flops()
+        est, exact = self._totals_at({})
         frac = self.flop_fraction()
-        hints = self.hints()
-        at = ", ".join(f"{k}={v}" for k, v in sorted(hints.items()))
         summary = (
             f"{n} attention site(s) in {len(self.graphs)} graph(s): {rewritten} rewritten, "
-            f"{approx} approximated. Attention GFLOP {_gflop(est, hints)} vs exact {_gflop(exact, hints)}"
+            f"{approx} approximated. Attention GFLOP {_gflop(est, {})} vs exact {_gflop(exact, {})}"
         )
         if frac is not None:
-            summary += f" ({100 * frac:.1f}%" + (f" at {at}; symbolic in {', '.join(sorted(hints))})" if hints else ")")
+            summary += f" ({100 * frac:.1f}%{self._traced_sizes()})"
         return "\n".join(lines + [summary] + [f"warning: {w}" for w in self.warnings])
+
+    def _traced_sizes(self) -> str:
+        """' at traced sizes s0=128, s1=2' for the symbolic sizes the FLOP figures were evaluated
+        at (those the sites' FLOP expressions contain; the first few, then how many more)."""
+        values: dict = {}
+        for s in self.sites:
+            for v in (s.flops, s.exact_flops):
+                if isinstance(v, sympy.Basic):
+                    for sym in v.free_symbols:
+                        if str(sym) in s.size_hints:
+                            values.setdefault(str(sym), set()).add(s.size_hints[str(sym)])
+        if not values:
+            return ""
+        names = sorted(values, key=lambda k: (len(k), k))
+        shown = ", ".join(f"{k}={'|'.join(str(v) for v in sorted(values[k]))}" for k in names[:_SHOWN_SIZES])
+        more = len(names) - _SHOWN_SIZES
+        return f" at traced sizes {shown}" + (f" and {more} more" if more > 0 else "")
 
     __repr__ = __str__
 
@@ -160,18 +181,16 @@ class Report:
         Nodes are ``"g<i>:<name>"`` with attributes op, target, layer and, for structattn ops,
         the site's method; edges follow data flow.
         """
+        from .passes.fqn import module_path
+
         g = nx.DiGraph()
         for i, rec in enumerate(self.graphs):
             gm = rec.after if which == "after" else rec.before
             site_by_node = {s.node: s for s in rec.sites}
             for node in gm.graph.nodes:
                 attrs = {"op": node.op, "target": _target(node), "graph": i}
-                stack = node.meta.get("nn_module_stack")
-                if stack:
-                    from .passes.fqn import normalize
-
-                    entry = list(stack.values())[-1]
-                    attrs["layer"] = normalize(entry[0] if isinstance(entry, tuple) else str(entry))
+                if node.meta.get("nn_module_stack"):
+                    attrs["layer"] = module_path(node, rec.module_names)
                 if "structattn." in attrs["target"]:
                     attrs["method"] = attrs["target"].split("structattn.")[1].split("_attention")[0]
                 if node.name in site_by_node:
@@ -229,6 +248,16 @@ def _gflop(v: Any, hints: dict) -> str:
     return f"{float(v) / 1e9:.3g}"
 
 
+_SHOWN_SIZES = 4
+
+
+def _at(v: Any, values: dict) -> Any:
+    """``v`` with the symbols named in ``values`` replaced by them."""
+    if isinstance(v, sympy.Basic) and v.free_symbols:
+        return v.subs({sym: values[str(sym)] for sym in v.free_symbols if str(sym) in values})
+    return v
+
+
 def _heads(s: Site) -> str:
     if s.num_kv_heads is not None and s.num_kv_heads != s.num_heads:
         return f"{s.num_heads}/{s.num_kv_heads}"
@@ -243,5 +272,7 @@ def set_last(report: Report) -> None:
 
 
 def last_report() -> Optional[Report]:
-    """The Report of the latest structattn compile in this process (None before any)."""
+    """The Report of the latest structattn compile in this process (None before any): every graph
+    compiled so far for that ``torch.compile`` call (graph breaks, recompiles for new shapes), or
+    the report of the latest ``explain``/``calibrate`` run."""
     return _LAST[0]
