@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-latest bench quality clean
+.PHONY: demo test test-latest bench bench-e2e quality clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	python3 -m venv $(VENV)
@@ -51,6 +51,10 @@ test-latest:
 
 bench: $(BENCH)
 	$(PY) benchmarks/cpu.py
+
+# whole models: SmolLM2 prefill 2K-16K, MiniLM 512, generate(); about two hours on 2 cores
+bench-e2e: $(BENCH)
+	$(PY) benchmarks/e2e.py
 
 quality: $(BENCH)
 	$(PY) benchmarks/quality.py

@@ -26,26 +26,12 @@ def _prompt(n=40):
 
 
 def _reports_during(fn):
-    """Every report the backend produced while ``fn`` ran (one per compiled graph)."""
-    seen = []
-    original = structattn.report.set_last
-
-    def spy(report):
-        seen.append(report)
-        original(report)
-
-    structattn.report.set_last = spy
-    import structattn.backend as backend
-    backend.set_last = spy
-    try:
-        out = fn()
-    finally:
-        structattn.report.set_last = original
-        backend.set_last = original
+    """``fn()`` and the sites of every graph the compile produced while it ran (one report per
+    compile holds them all), one per (layer, q_len, kv_len)."""
+    out = fn()
     sites = {}
-    for r in seen:
-        for s in r.sites:
-            sites[(s.layer, s.q_len if isinstance(s.q_len, int) else "sym", str(s.kv_len))] = s
+    for s in structattn.last_report().sites:
+        sites[(s.layer, s.q_len if isinstance(s.q_len, int) else "sym", str(s.kv_len))] = s
     return out, list(sites.values())
 
 
