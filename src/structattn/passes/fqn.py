@@ -103,7 +103,8 @@ def names_by_id(roots: Iterable[tuple[torch.nn.Module, str]],
     given); each names what no earlier one did. ``more`` (modules found in a traced frame) only
     name modules none of ``roots`` covers, and one that sits inside another root adds nothing, so
     names are relative to the outermost module known."""
-    roots, more = list(roots), list(more)
+    roots = [(_unwrapped(m), p) for m, p in roots]
+    more = [(_unwrapped(m), p) for m, p in more]
     trees = {}
     for module, prefix in roots + more:
         if isinstance(module, torch.nn.Module) and (id(module), prefix) not in trees:
@@ -121,6 +122,17 @@ def names_by_id(roots: Iterable[tuple[torch.nn.Module, str]],
         for key, name in ids.items():
             out.setdefault(key, name)
     return out
+
+
+#: data-parallel wrappers whose ``.module`` is the user's model: layers are named inside it, so
+#: the same ``options["layers"]`` globs serve the model with and without the wrapper
+_WRAPPERS = ("DistributedDataParallel", "DataParallel")
+
+
+def _unwrapped(module):
+    while type(module).__name__ in _WRAPPERS and isinstance(getattr(module, "module", None), torch.nn.Module):
+        module = module.module
+    return module
 
 
 def stack_names(gm: GraphModule, ids: Mapping[int, str], frame_module: Optional[torch.nn.Module] = None) -> dict[str, str]:
