@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Method
-from .masks import as_additive, causal_keep
+from .masks import as_4d, as_additive, causal_keep
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,10 @@ class ExactMethod(Method):
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
          scale: float, is_causal: bool) -> torch.Tensor:
-    """SDPA that also accepts ``attn_mask`` together with ``is_causal`` and grouped k/v heads."""
+    """SDPA that also accepts ``attn_mask`` together with ``is_causal``, grouped k/v heads and a
+    mask of fewer than 4 dims (``[Nk]`` included, which SDPA itself rejects)."""
+    if attn_mask is not None:
+        attn_mask = as_4d(attn_mask)
     if is_causal and attn_mask is not None:
         keep = causal_keep(q.shape[-2], k.shape[-2], q.device)
         if attn_mask.dtype == torch.bool:
