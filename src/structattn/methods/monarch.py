@@ -20,7 +20,8 @@ exactly 0), finite values however negative (-1e4, ``finfo.min``) as biases. A so
 finite logit gives 0 with log-sum-exp -inf (``softmax.softmax_and_lse``): a key block whose keys
 are ALL masked gets R = 0 and an L-logit of -inf, i.e. exactly zero weight, and a query whose keys
 are all masked gets L = 0, output 0. The L-logits are ``q . kbar`` plus the separate broadcast
-term ``H(R) + <R, bias>``, so a -inf never enters a matmul (its backward would form 0 * inf).
+term ``H(R) + <R, bias>`` (or, for finite inputs, with -inf blocks masked after the matmul), so
+a -inf never enters a matmul (its backward would form 0 * inf).
 
 Decisions and deviations (the Triton kernel implements the same; keep them in sync):
 
@@ -182,17 +183,47 @@ def _flat_heads(t: Optional[torch.Tensor], B: int, Hk: int, G: int, H: int) -> O
     return t.expand(B, Hk, *rest).reshape(B * Hk, 1, *rest)
 
 
+def _l_step(qTa: torch.Tensor, kbar: torch.Tensor, ent_bias: torch.Tensor, finite: bool) -> torch.Tensor:
+    """Lt [.., j, l, k] = L_j[k, l] = softmax_k(s q_lj . kbar_kj + ent_kj) from qTa [.., j, l, D+1]
+    (q with a column of ones), kbar [.., k, j, D] and ent_bias [.., k, j] (-inf: a key block with no
+    finite R-logit, which gets no weight).
+
+    ``finite``: q, k and the biases hold no NaN / +-inf. Then the additive term rides in the matmul
+    through the ones column (with -inf blocks set to 0 there and masked after, so the backward
+    never forms 0 * inf) and torch's fused softmax serves every row with a finite logit. Otherwise
+    the logits are computed as plain arithmetic (q.kbar + ent, so inf - inf is NaN as in SDPA) and
+    softmaxed with ``softmax_and_lse`` (rows of no finite logit -> 0).
+    """
+    n, G, bq, M, D1 = qTa.shape
+    D = D1 - 1
+    ent_t = ent_bias.transpose(-1, -2)                                    # [.., j, k]
+    if not finite:
+        logits = qTa[..., :D] @ kbar.transpose(-3, -2).transpose(-1, -2)
+        logits.add_(ent_t.unsqueeze(-2))
+        return softmax_and_lse(logits)[0]
+    dead = ent_t == float("-inf")
+    kba = kbar.new_empty(n, G, bq, M, D + 1)                               # [.., j, k, D+1], one pass
+    kba[..., :D] = kbar.transpose(-3, -2)
+    kba[..., D] = ent_t.masked_fill(dead, 0.0)
+    logits = qTa @ kba.transpose(-1, -2)
+    if bool(dead.any()):
+        logits.masked_fill_(dead.unsqueeze(-2), float("-inf"))
+        if bool(dead.all(-1).any()):                                      # a query that sees no key
+            return softmax_and_lse(logits)[0]
+    return torch.softmax(logits, dim=-1)
+
+
 def _monarch_core(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                  qvalid: Optional[torch.Tensor], steps: int) -> torch.Tensor:
+                  qvalid: Optional[torch.Tensor], steps: int, finite: bool) -> torch.Tensor:
     """One group of heads. qs [n,G,M,bq,D] (scaled, padded rows 0), k [n,1,M,bk,D], v [n,1,M,bk,Dv],
-    bias [n,G|1,M,1,bk] (-inf = masked) or None, qvalid [bq,M,1] 0/1 or None -> z [n,G,M,bq,Dv] (a view)."""
+    bias [n,G|1,M,1,bk] (-inf = masked) or None, qvalid [bq,M,1] 0/1 or None, ``finite``: q, k and
+    the biases hold no NaN / +-inf -> z [n,G,M,bq,Dv] (a view)."""
     n, G, M, bq, D = qs.shape
     bk = k.shape[-2]
     kT = k.transpose(-1, -2)                                               # [.., k, D, i]
     # q in L-step layout with a column of ones: [.., j, l, D+1]. The ones column turns the
     # L-step's additive term into part of the matmul, and gives c = sum_l L_j[k,l] in the R-step.
     qTa = torch.cat([qs.transpose(-3, -2), qs.new_ones(n, G, bq, M, 1)], dim=-1)
-    qT = qTa[..., :D]                                                      # [.., j, l, D]
     Lt = None  # Lt[.., j, l, k] = L_j[k, l]; None means L_j = I
     R = None
     for _ in range(steps):
@@ -223,9 +254,7 @@ def _monarch_core(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
             Lt = qs.new_ones(n, G, bq, 1, 1)
             continue
         # ---- L-step: logits s q_lj . kbar_jk + H(R_k[j,:]) + <R_k[j,:], bias_k> (-inf: no weight)
-        logits = qT @ kbar.transpose(-3, -2).transpose(-1, -2)             # [.., j, l, k]
-        logits.add_(ent_bias.transpose(-1, -2).unsqueeze(-2))
-        Lt = softmax_and_lse(logits)[0]                                    # [.., j, l, k]
+        Lt = _l_step(qTa, kbar, ent_bias, finite)                          # [.., j, l, k]
     y = v.expand(n, G, M, bq, v.shape[-1]) if R is None else R @ v       # [.., k, j, Dv]
     return (Lt @ y.transpose(-3, -2)).transpose(-3, -2)                    # [.., l, j, Dv]
 
@@ -258,6 +287,10 @@ def monarch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     if bias is not None:
         bias = _flat_heads(bias, B, Hk, G, H)
         bias = bias.reshape(bias.shape[0], bias.shape[1], M, 1, bk)
+    # no NaN / +-inf in q, k or the biases (-inf biases are masks): the L-step's fast path is exact.
+    # A sum is non-finite whenever an element is (a finite sum that overflows only costs the fast path)
+    finite = bool(torch.isfinite(q.sum(dtype=cdt) + k.sum(dtype=cdt))) and (
+        bias is None or not bool((bias.isnan() | (bias == float("inf"))).any()))
     qvalid = None
     if nqp > Nq:
         qvalid = (torch.arange(nqp, device=q.device) < Nq).to(cdt).view(M, bq).transpose(0, 1).unsqueeze(-1)
@@ -270,7 +303,7 @@ def monarch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         qs = _pad_rows(q4[a:b].to(cdt) * scale, nqp).view(n, G, M, bq, D)
         kg = _pad_rows(k4[a:b].to(cdt), nkp).view(n, 1, M, bk, D)
         vg = _pad_rows(v4[a:b].to(cdt), nkp).view(n, 1, M, bk, Dv)
-        zg = _monarch_core(qs, kg, vg, None if bias is None else bias[a:b], qvalid, params.num_steps)
+        zg = _monarch_core(qs, kg, vg, None if bias is None else bias[a:b], qvalid, params.num_steps, finite)
         if len(groups) == 1:
             z = zg.contiguous()                                           # [n, G, l, j, Dv]
         else:
