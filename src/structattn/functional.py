@@ -28,7 +28,7 @@ def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
         raise ValueError(f"{what}: impl must be one of {list(IMPLS)}; got {impl!r}")
     pargs = _param_args(method, tuple(sorted(params.items())))
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else math.inf  # SDPA's default
     if not torch.compiler.is_compiling():
         # eager only: under torch.compile the op's fake impl checks the inputs, and the method's
         # forward raises for a mask or causal flag it cannot serve

@@ -22,6 +22,7 @@ def _selected(sel):
         (1, 1, 1, 33, 33, 8, 10, True, None, 0),      # budget above the number of blocks
         (1, 2, 1, 64, 64, 8, 3, True, None, 2),       # sink blocks after the causal diagonal
         (1, 2, 1, 50, 90, 16, 3, False, "float", 2),  # a sink block with no valid key is skipped
+        (1, 2, 1, 50, 90, 16, 3, True, "large", 0),   # -1e4 / finfo.min biases are keys, -inf is not
     ],
 )
 def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask, sink):
@@ -32,6 +33,14 @@ def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask, sink)
     elif mask == "float":
         mask = torch.randn(B, 1, 1, nk)
         mask[..., :b] = float("-inf")  # a fully masked key block: never a candidate
+    elif mask == "large":
+        low = torch.finfo(torch.float32).min
+        mask = torch.randn(B, H, 1, nk)
+        mask[:, 0, :, :b] = float("-inf")             # block 0: no candidate
+        mask[:, 0, :, b:2 * b] = -1e4                 # block 1: a candidate ranked low
+        mask[:, 0, :, 2 * b:3 * b:2] = low            # block 2: half its keys at finfo.min
+        mask[:, 0, :, 3 * b:4 * b] = low              # block 3: every key at finfo.min
+        mask[:, 1] -= 64.0                            # head 1: a shift shared by every key
     p = MraParams(block_size=b, blocks_per_row=r, sink_blocks=sink)
     got, ref = KS.select(q, k, mask, 0.3, causal, p), mra_select(q, k, mask, 0.3, causal, p)
     assert torch.equal(_selected(got), _selected(ref))
@@ -39,6 +48,9 @@ def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask, sink)
     assert torch.equal(got.pooled_logits.isinf(), ref.pooled_logits.isinf())
     finite = ~ref.pooled_logits.isinf()
     torch.testing.assert_close(got.pooled_logits[finite], ref.pooled_logits.float()[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.count, ref.count.expand_as(got.count))
+    if ref.block_lse is not None:
+        torch.testing.assert_close(got.block_lse, ref.block_lse.expand_as(got.block_lse), rtol=1e-6, atol=1e-5)
     if causal:  # the diagonal block comes first wherever it has a valid key
         diag = torch.arange(got.block_idx.shape[2]).view(1, 1, -1).expand_as(got.block_idx[..., 0])
         has_keys = got.count.gather(-1, diag) > 0

@@ -47,10 +47,8 @@ def key_bias_1d(attn_mask, B: int, H: int, b: int, h: int, nk: int) -> torch.Ten
     """The float64 additive per-key bias (-inf for dropped keys) of a key-padding mask at (b, h)."""
     if attn_mask is None:
         return torch.zeros(nk, dtype=torch.float64)
-    m = attn_mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    row = m.expand(B, H, m.shape[2], nk)[b, h, 0]
+    nq = attn_mask.shape[-2] if attn_mask.dim() >= 2 else 1
+    row = attn_mask.expand(B, H, nq, nk)[b, h, 0]   # expand prepends the missing leading dims
     if row.dtype == torch.bool:
         return torch.where(row, 0.0, float("-inf")).double()
     return row.double()

@@ -19,24 +19,33 @@ METHOD = get_method("mra")
 # Independent float64 implementation: explicit loops over query rows, selection by sorting.
 # ----------------------------------------------------------------------------------------------
 def naive_mra_head(q, k, v, bias, scale, causal, b, r_budget, variant, sink=0):
+    """Written from the module docstring's derivation: block j pools its keys with the softmax of
+    their biases (keys of bias -inf excluded), its pooled logit adds logsumexp(bias), its selection
+    score the log-mean-exp of the biases of its non-(-inf) keys."""
     Nq, Nk = q.shape[0], k.shape[0]
     b = min(b, max(Nq, Nk))
     Mq, Mk = math.ceil(Nq / b), math.ceil(Nk / b)
-    keep = [j < Nk and bias[j] > -1e4 for j in range(Mk * b)]
     blocks = lambda j: [m for m in range(j * b, min((j + 1) * b, Nk))]  # noqa: E731
-    count = [sum(keep[m] for m in blocks(j)) for j in range(Mk)]
-    khat, vhat, bhat = [], [], []
+    khat, vhat, beta, count = [], [], [], []
     for j in range(Mk):
-        idx = [m for m in blocks(j) if keep[m]]
-        khat.append(k[idx].mean(0) if idx else torch.zeros(k.shape[1], dtype=torch.float64))
-        vhat.append(v[idx].mean(0) if idx else torch.zeros(v.shape[1], dtype=torch.float64))
-        bhat.append(bias[idx].mean() if idx else 0.0)
+        idx = [m for m in blocks(j) if bias[m] != float("-inf")]
+        count.append(len(idx))
+        if not idx:
+            khat.append(torch.zeros(k.shape[1], dtype=torch.float64))
+            vhat.append(torch.zeros(v.shape[1], dtype=torch.float64))
+            beta.append(float("-inf"))
+            continue
+        w = torch.softmax(bias[idx], 0)
+        khat.append(w @ k[idx])
+        vhat.append(w @ v[idx])
+        beta.append(torch.logsumexp(bias[idx], 0))
+    lhat_of = lambda qhat, j: scale * qhat @ khat[j]  # noqa: E731
     out = torch.zeros(Nq, v.shape[1], dtype=torch.float64)
     for i in range(Mq):
         rows = list(range(i * b, min((i + 1) * b, Nq)))
         qhat = q[rows].mean(0)
-        lhat = {j: scale * qhat @ khat[j] + bhat[j] for j in range(Mk)}
         cand = [j for j in range(Mk) if count[j] > 0 and (not causal or j <= i)]
+        lhat = {j: lhat_of(qhat, j) + beta[j] - math.log(count[j]) for j in cand}
         r = min(r_budget, Mk)
         order = sorted(cand, key=lambda j: -float(lhat[j]))
         order = [j for j in order if j < sink] + [j for j in order if j >= sink]
@@ -54,7 +63,7 @@ def naive_mra_head(q, k, v, bias, scale, causal, b, r_budget, variant, sink=0):
             if variant == "mra2":
                 for j in cand:
                     if j not in chosen:
-                        logits.append(lhat[j] + math.log(count[j]))
+                        logits.append(lhat_of(qhat, j) + beta[j])
                         values.append(vhat[j])
             if not logits:
                 continue

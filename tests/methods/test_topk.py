@@ -20,10 +20,7 @@ def naive_topk(q, k, v, attn_mask, scale, causal, kk):
     Nk = k.shape[2]
     mask = None
     if attn_mask is not None:
-        m = attn_mask
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        mask = m.expand(B, H, Nq, Nk)
+        mask = attn_mask.expand(B, H, Nq, Nk)   # expand prepends the missing leading dims
     out = torch.zeros(B, H, Nq, v.shape[-1], dtype=torch.float64)
     for b in range(B):
         for h in range(H):

@@ -59,10 +59,7 @@ SPELLINGS = {
 
 @pytest.mark.parametrize("method,params", EXACT_LIMITS)
 @pytest.mark.parametrize("name", sorted(SPELLINGS))
-def test_key_padding_dead_rows_follow_eager(name, method, params, request):
-    if method == "mra" and name.startswith("additive"):
-        # MRA still reads additive values <= -1e4 as "masked" (being fixed with the method numerics)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="MRA threshold semantics"))
+def test_key_padding_dead_rows_follow_eager(name, method, params):
     run(SPELLINGS[name], *qkv(), keep_with_dead_rows(), method=method, params=params)
 
 

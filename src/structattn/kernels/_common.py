@@ -5,6 +5,7 @@
 * ``configs(gpu, cpu)``: the config list for ``triton.autotune``;
 * ``key_bias_view``: a key-padding mask as a float32 [B, H, Nk] *view* (broadcast dims get stride 0);
 * ``general_mask_view``: any SDPA mask as a [B, H, Nq, Nk] view plus its kind (bool / additive);
+* ``empty_output``: SDPA's result for inputs with an empty dimension (no launch);
 * small integer helpers.
 """
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Optional
 
 import torch
 import triton
+
+from ..methods.base import empty_result
+from ..methods.masks import as_4d
 
 #: mask kinds passed to kernels as a constexpr
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -58,10 +62,15 @@ def strides4(t: torch.Tensor) -> tuple:
     return tuple(t.stride())
 
 
-def _as4d(mask: torch.Tensor) -> torch.Tensor:
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask
+def empty_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """When a dimension is empty (batch, heads, Nq, Nk or Dv = 0): SDPA's result (empty, or zeros
+    for Nk = 0), written into ``out`` when given; otherwise None (the kernel has work to do)."""
+    res = empty_result(q, k, v)
+    if res is None:
+        return None
+    if out is None:
+        return res
+    return out.copy_(res)
 
 
 def key_bias_view(attn_mask: Optional[torch.Tensor], batch: int, heads: int, nk: int) -> Optional[torch.Tensor]:
@@ -72,7 +81,7 @@ def key_bias_view(attn_mask: Optional[torch.Tensor], batch: int, heads: int, nk:
     """
     if attn_mask is None:
         return None
-    m = _as4d(attn_mask)[..., 0, :]  # [b?, h?, Nk?]
+    m = as_4d(attn_mask)[..., 0, :]  # [b?, h?, Nk?]
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
     else:
@@ -84,7 +93,7 @@ def general_mask_view(attn_mask: Optional[torch.Tensor], batch: int, heads: int,
     """(view [B, H, Nq, Nk] with broadcast strides 0, kind). Bool masks are viewed as uint8."""
     if attn_mask is None:
         return None, MASK_NONE
-    m = _as4d(attn_mask)
+    m = as_4d(attn_mask)
     if m.dtype == torch.bool:
         kind = MASK_BOOL
         m = m.view(torch.uint8)

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, device_reason, dtype_reason, head_dim_reason, key_bias_view, launch, next_pow2
+from ._common import (configs, device_reason, dtype_reason, empty_output, head_dim_reason, key_bias_view, launch,
+                      next_pow2)
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -58,7 +59,7 @@ def _r_kernel(
     sbb, sbh, sbn,
     H, G, NK, QROWS, NP, BQ, BK, D, DV, scale,
     DP: tl.constexpr, DVP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
     kb = tl.program_id(1)
@@ -97,12 +98,22 @@ def _r_kernel(
             bias = tl.load(BIAS + b * sbb + h * sbh + n_k * sbn, mask=k_ok, other=NEG_INF)
             x = x + bias[None, :]
         x = tl.where(k_ok[None, :], x, NEG_INF)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(x - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, 1)
-        t = t * alpha + tl.sum(p * raw, 1)
+        if SINGLE:
+            # one key per block (BK = 1): R = 1 whatever the logit, H(R) + <R, bias> = bias
+            # (padded query rows too: their R row is softmax(bias) = 1, as in the reference)
+            p = tl.where(k_ok[None, :] & (rj >= 0)[:, None], 1.0, 0.0)
+            alpha = tl.full([BM], 1.0, tl.float32)
+            lsum = lsum + tl.sum(p, 1)
+            if HAS_BIAS:
+                t = t + tl.sum(tl.where(k_ok[None, :] & (rj >= 0)[:, None], bias[None, :], 0.0), 1)
+        else:
+            m_new = tl.maximum(m, tl.max(x, 1))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(x - m_safe[:, None])
+            lsum = lsum * alpha + tl.sum(p, 1)
+            t = t * alpha + tl.sum(p * raw, 1)
+            m = m_new
         pc = p.to(kt.dtype)
         if IEEE:
             acc_a = acc_a * alpha[:, None] + tl.dot(pc, kt, input_precision="ieee")
@@ -114,10 +125,13 @@ def _r_kernel(
                 acc_y = acc_y * alpha[:, None] + tl.dot(pc, vt, input_precision="ieee")
             else:
                 acc_y = acc_y * alpha[:, None] + tl.dot(pc, vt)
-        m = m_new
-    l_ok = lsum > 0.0
-    inv = tl.where(l_ok, 1.0 / tl.where(l_ok, lsum, 1.0), 0.0)
-    e = tl.where(l_ok, m + tl.log(tl.where(l_ok, lsum, 1.0)) - t * inv, NEG_INF)
+    # lsum = 0: no finite logit in the block (E = -inf: no weight in the L-step); NaN stays NaN
+    dead = lsum == 0.0
+    inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
+    if SINGLE:
+        e = t  # the key's bias (0 without a mask)
+    else:
+        e = tl.where(dead, NEG_INF, m + tl.log(tl.where(dead, 1.0, lsum)) - t * inv)
     a = acc_a * (inv * scale)[:, None]
     tl.store(A + bh * NP * D + n_q[:, None] * D + rd[None, :], a.to(A.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -136,7 +150,7 @@ def _l_kernel(
     sob, soh, son, sod,
     H, NQ, NP, BQ, M, D, DV,
     DP: tl.constexpr, DVP: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
-    BL: tl.constexpr, BK: tl.constexpr,
+    BL: tl.constexpr, BK: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     j = tl.program_id(1)
@@ -166,10 +180,16 @@ def _l_kernel(
         else:
             g = tl.dot(q, tl.trans(a))
         g = g + e[None, :]
-        m_new = tl.maximum(m, tl.max(g, 1))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(g - m_safe[:, None])
+        if SINGLE:
+            # one key block (M = 1): L = 1 whatever the logit
+            p = tl.where(k_ok[None, :] & l_ok[:, None], 1.0, 0.0)
+            alpha = tl.full([BL], 1.0, tl.float32)
+            m_new = tl.zeros([BL], tl.float32)
+        else:
+            m_new = tl.maximum(m, tl.max(g, 1))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(g - m_safe[:, None])
         lsum = lsum * alpha + tl.sum(p, 1)
         if MODE == 0:
             y = tl.load(Y + bh * NP * DV + n_k[:, None] * DV + rdv[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
@@ -178,14 +198,15 @@ def _l_kernel(
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(y.dtype), y)
         m = m_new
-    s_ok = lsum > 0.0
+    # lsum = 0: no finite logit (output 0, lse -inf); a NaN lsum stays NaN
+    dead = lsum == 0.0
     if MODE == 0:
-        inv = tl.where(s_ok, 1.0 / tl.where(s_ok, lsum, 1.0), 0.0)
+        inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
         out = acc * inv[:, None]
         tl.store(OUT + b * sob + h * soh + n_l[:, None] * son + rdv[None, :] * sod, out.to(OUT.dtype.element_ty),
                  mask=l_ok[:, None] & dv_ok[None, :])
     else:
-        lse = tl.where(s_ok, m + tl.log(tl.where(s_ok, lsum, 1.0)), NEG_INF)
+        lse = tl.where(dead, NEG_INF, m + tl.log(tl.where(dead, 1.0, lsum)))
         tl.store(LSE + bh * NP + n_l, lse, mask=l_ok)
 
 
@@ -195,7 +216,7 @@ def _lalpha_kernel(
     Q, A, E, LSE, QR,
     sqb, sqh, sqn, sqd,
     H, NQ, NP, BQ, M, D,
-    DP: tl.constexpr, IEEE: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+    DP: tl.constexpr, IEEE: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     j = tl.program_id(1)
@@ -223,16 +244,20 @@ def _lalpha_kernel(
         else:
             g = tl.dot(a, tl.trans(q))
         g = g + e[:, None]
-        use = l_ok & (lse > NEG_INF)
-        lse_safe = tl.where(use, lse, 0.0)
-        p = tl.where(use[None, :], tl.exp(g - lse_safe[None, :]), 0.0)
+        if SINGLE:
+            p = tl.where(k_ok[:, None] & l_ok[None, :], 1.0, 0.0)  # one key block: L = 1
+        else:
+            # rows l with lse -inf (no finite L-logit) get no weight; a NaN lse stays NaN
+            use = l_ok & (lse != NEG_INF)
+            lse_safe = tl.where(use, lse, 0.0)
+            p = tl.where(use[None, :], tl.exp(g - lse_safe[None, :]), 0.0)
         c += tl.sum(p, 1)
         if IEEE:
             acc += tl.dot(p.to(q.dtype), q, input_precision="ieee")
         else:
             acc += tl.dot(p.to(q.dtype), q)
-    c_ok = c > 0.0
-    inv = tl.where(c_ok, 1.0 / tl.where(c_ok, c, 1.0), 0.0)
+    none = c == 0.0  # no valid query row weighs this block: alpha^R / c = 0
+    inv = tl.where(none, 0.0, 1.0 / tl.where(none, 1.0, c))
     qr = acc * inv[:, None]
     tl.store(QR + bh * NP * D + n_k[:, None] * D + rd[None, :], qr.to(QR.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
@@ -274,6 +299,10 @@ def _tile(x: int, lo: int, hi: int) -> int:
 
 
 def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None):
+    """MonarchAttention (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*]; writes ``out`` when given."""
+    done = empty_output(q, k, v, out)
+    if done is not None:
+        return done
     B, H, NQ, D = q.shape
     Hk, NK, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hk
@@ -321,7 +350,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None):
             qr, k, v, bias_arg, A, Y, E,
             *qr_strides_, *sk, *sv, *sb,
             H, G, NK, qrows, NP, BQ, BK, D, Dv, float(scale),
-            DP=DP, DVP=DVP, HAS_BIAS=has_bias, WRITE_Y=write_y, IEEE=ieee, BM=BM, BN=BN,
+            DP=DP, DVP=DVP, HAS_BIAS=has_bias, WRITE_Y=write_y, IEEE=ieee, BM=BM, BN=BN, SINGLE=BK == 1,
         )
 
     grid_l = (triton.cdiv(M, BL), BQ, BH)
@@ -330,18 +359,18 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None):
         launch(
             _l_kernel, grid_l, tk + (1,),
             q, A, E, Y, out, LSE, *sq, *so, H, NQ, NP, BQ, M, D, Dv,
-            DP=DP, DVP=DVP, MODE=1, IEEE=ieee, BL=BL, BK=BKT,
+            DP=DP, DVP=DVP, MODE=1, IEEE=ieee, BL=BL, BK=BKT, SINGLE=M == 1,
         )
         launch(
             _lalpha_kernel, (triton.cdiv(M, BKT), BQ, BH), tk,
             q, A, E, LSE, QR, *sq, H, NQ, NP, BQ, M, D,
-            DP=DP, IEEE=ieee, BL=BL, BK=BKT,
+            DP=DP, IEEE=ieee, BL=BL, BK=BKT, SINGLE=M == 1,
         )
         r_step(QR, qr_strides, NP, step == T - 1)
     launch(
         _l_kernel, grid_l, tk + (0,),
         q, A, E, Y, out, E, *sq, *so, H, NQ, NP, BQ, M, D, Dv,
-        DP=DP, DVP=DVP, MODE=0, IEEE=ieee, BL=BL, BK=BKT,
+        DP=DP, DVP=DVP, MODE=0, IEEE=ieee, BL=BL, BK=BKT, SINGLE=M == 1,
     )
     return out
 

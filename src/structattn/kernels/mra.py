@@ -8,7 +8,9 @@ Pipeline (``forward``):
    selected blocks and non-candidates). It computes what the reference's ``methods.mra.mra_select``
    computes (identical selections on every row in the H100 runs); ``SELECT_IMPL = "eager"`` uses
    the reference itself (~40 small torch launches: 1 ms at 16K, which kept MRA-2 under 4x).
-2. ``_pool_v_kernel`` (one launch, grid Mk x B*H): masked block means of v (``vhat``, fp32).
+2. ``_pool_v_kernel`` (one launch, grid Mk x B*H): the pooled values ``vhat`` (fp32), each block's
+   values weighted by the softmax of their key biases ``exp(bias - block_lse)`` (block means
+   without a mask).
 3. ``_mra_kernel`` (one launch, grid ceil(Mq/QB) x B*H), per program QB query blocks:
    * pooled remainder for the QB blocks at once: an online softmax over the Mk pooled logits and a
      [QB, Mk] x [Mk, Dv] product with ``vhat`` on the tensor cores (vhat is read once per QB
@@ -17,10 +19,11 @@ Pipeline (``forward``):
      with the key-padding bias and, for ``is_causal``, key <= query), then the log-sum-exp merge
      with the block's pooled partial softmax, and the store.
 
-So a call is five Triton launches (plus a few small torch ops when a mask is given). Masked-bias
-conventions follow the reference: key biases are clamped at -1e30 (``MASK_VALUE``), a key counts as
-valid for pooling when its bias is above -1e4, and a row whose best logit is below -5e29 (it saw no
-unmasked key) gets 0.
+So a call is five Triton launches (plus a few small torch ops when a mask is given). Mask
+conventions follow the reference (``methods/mra.py``): key biases are added as they are (-inf is
+the only hard mask), block padding, the causal upper triangle and unused slots are excluded (never
+loaded or set to -inf), and a row with no finite logit in either branch gets 0 (the merged
+denominator is 0) while a NaN denominator stays NaN.
 
 ``forward_flex`` is the FlexAttention alternative for the selected blocks (``BlockMask.from_kv_blocks``
 with the selected blocks as *full* blocks, no mask_mod; torch for the pooled branch and the merge).
@@ -38,19 +41,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, device_reason, dtype_reason, head_dim_reason, launch, next_pow2
+from ._common import configs, device_reason, dtype_reason, empty_output, head_dim_reason, launch, next_pow2
 
 NEG_INF = tl.constexpr(float("-inf"))
-MASK_VALUE = tl.constexpr(-1e30)
 
 
 @triton.jit
 def _pool_v_kernel(
-    V, KEEP, VHAT,
+    V, BIAS, LSE, VHAT,
     svb, svh, svn, svd,
-    skb, skh, skn,
+    sbb, sbh, sbn,
     H, G, NK, MK, BS, DV,
-    DVP: tl.constexpr, BB: tl.constexpr,
+    DVP: tl.constexpr, BB: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -60,17 +62,27 @@ def _pool_v_kernel(
     rdv = tl.arange(0, DVP)
     acc = tl.zeros([DVP], tl.float32)
     cnt = tl.zeros([BB], tl.float32)
+    if HAS_BIAS:
+        lse = tl.load(LSE + bh * MK + j)
+        lse_safe = tl.where(lse == NEG_INF, 0.0, lse)  # such a block has weights 0 (bias -inf)
     for c0 in range(0, BS, BB):
         rc = c0 + tl.arange(0, BB)
         n = j * BS + rc
         ok = (rc < BS) & (n < NK)
-        w = tl.load(KEEP + b * skb + h * skh + n * skn, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * sbb + h * sbh + n * sbn, mask=ok, other=NEG_INF)
+            w = tl.where(ok, tl.exp(bias - lse_safe), 0.0)
+        else:
+            w = tl.where(ok, 1.0, 0.0)
         vt = tl.load(V + b * svb + hk * svh + n[:, None] * svn + rdv[None, :] * svd,
                      mask=ok[:, None] & (rdv < DV)[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(vt * w[:, None], 0)
         cnt += w
-    c = tl.maximum(tl.sum(cnt, 0), 1.0)
-    tl.store(VHAT + (bh * MK + j) * DV + rdv, acc / c, mask=rdv < DV)
+    if HAS_BIAS:
+        out = acc  # the weights already sum to 1 over the block
+    else:
+        out = acc / tl.maximum(tl.sum(cnt, 0), 1.0)
+    tl.store(VHAT + (bh * MK + j) * DV + rdv, out, mask=rdv < DV)
 
 
 @triton.autotune(configs=configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (2, 2)]]),
@@ -158,7 +170,7 @@ def _mra_kernel(
                                 x = tl.dot(q, tl.trans(kt)) * scale
                             if HAS_BIAS:
                                 bias = tl.load(BIAS + b * sbb + h * sbh + n_k * sbn, mask=k_ok, other=0.0)
-                                x = x + tl.maximum(bias, MASK_VALUE)[None, :]
+                                x = x + bias[None, :]
                             keep = k_ok[None, :]
                             if CAUSAL:
                                 keep = keep & (n_k[None, :] <= n_q[:, None])
@@ -182,8 +194,9 @@ def _mra_kernel(
                 w_lo = tl.exp(mlo - mt_safe)
                 num = acc * w_hi[:, None] + olo[None, :] * w_lo[:, None]
                 den = lsum * w_hi + llo * w_lo
-                alive = (den > 0.0) & (mt > -5e29)
-                out = num * tl.where(alive, 1.0 / tl.where(alive, den, 1.0), 0.0)[:, None]
+                # den = 0: no finite logit in either branch (output 0); a NaN den stays NaN
+                dead = den == 0.0
+                out = num * tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, den))[:, None]
                 tl.store(OUT + b * sob + h * soh + n_q[:, None] * son + rdv[None, :] * sod,
                          out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & dv_ok[None, :])
 
@@ -229,14 +242,22 @@ def _select(q, k, attn_mask, scale, is_causal, params):
     return mra_select(q, k, attn_mask, scale, is_causal, params)
 
 
-def pool_v(v: torch.Tensor, keep: torch.Tensor, block: int, heads: int, mk: int) -> torch.Tensor:
-    """vhat [B*H, Mk, Dv] fp32: masked block means of v with weights ``keep`` [Bm, Hm, Mk*b]."""
+def pool_v(v: torch.Tensor, sel, heads: int, mk: int) -> torch.Tensor:
+    """vhat [B*H, Mk, Dv] fp32: each block's values weighted by ``exp(bias - block_lse)`` of the
+    selection ``sel`` (block means when it has no key bias)."""
     B, Hk, NK, Dv = v.shape
-    keep = _per_head3(keep, B, heads)
+    has_bias = sel.key_bias is not None
+    if has_bias:
+        bias = _per_head3(sel.key_bias.to(torch.float32), B, heads)
+        lse = sel.block_lse.to(torch.float32).expand(B, heads, mk).contiguous()
+        sb = bias.stride()
+    else:
+        bias = lse = v
+        sb = (0, 0, 0)
     vhat = torch.empty(B * heads, mk, Dv, device=v.device, dtype=torch.float32)
     _pool_v_kernel[(mk, B * heads)](
-        v, keep, vhat, *v.stride(), *keep.stride(), heads, heads // Hk, NK, mk, block, Dv,
-        DVP=next_pow2(Dv), BB=min(128, next_pow2(block)),
+        v, bias, lse, vhat, *v.stride(), *sb, heads, heads // Hk, NK, mk, sel.block, Dv,
+        DVP=next_pow2(Dv), BB=min(128, next_pow2(sel.block)), HAS_BIAS=has_bias,
     )
     return vhat
 
@@ -248,6 +269,11 @@ def _num_sms(device) -> int:
 
 
 def forward(q, k, v, attn_mask, scale, is_causal, params, *, selection=None, out=None):
+    """MRA-2 / MRA-2-s (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*]; ``selection``
+    reuses a precomputed ``MraSelection``; writes ``out`` when given."""
+    done = empty_output(q, k, v, out)
+    if done is not None:
+        return done
     B, H, NQ, D = q.shape
     Hk, NK, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hk
@@ -262,7 +288,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, selection=None, out
         sel.block_valid.reshape(BH, MQ, R).to(torch.uint8)
     if mra2:
         pooled = sel.pooled_logits.to(torch.float32).reshape(BH, MQ, MK)
-        vhat = pool_v(v, sel.key_keep, bs, H, MK)
+        vhat = pool_v(v, sel, H, MK)
     else:
         pooled = vhat = q  # unused
     has_bias = sel.key_bias is not None
@@ -347,7 +373,7 @@ def forward_flex(q, k, v, attn_mask, scale, is_causal, params, *, selection=None
     if params.variant == "mra2s":
         return o_hi
     # pooled branch per query block, then the log-sum-exp merge (natural-log lse)
-    vhat = pool_v(v, sel.key_keep, bs, H, MK).view(B, H, MK, Dv)
+    vhat = pool_v(v, sel, H, MK).view(B, H, MK, Dv)
     merge = _FLEX.get("merge") if compiled else None
     if merge is None:
         merge = torch.compile(_flex_merge, dynamic=False) if compiled else _flex_merge
@@ -357,14 +383,13 @@ def forward_flex(q, k, v, attn_mask, scale, is_causal, params, *, selection=None
 
 
 def _flex_merge(o_hi, lse_hi, pooled, vhat, bs: int):
+    from ..methods.mra import merge_partial
+    from ..methods.softmax import softmax_and_lse
+
     B, H, NQ, Dv = o_hi.shape
     MQ = NQ // bs
-    lo = pooled.float()
-    lse_lo = torch.logsumexp(lo, -1)[..., None]                        # [B, H, MQ, 1] (-inf: none)
-    o_lo = (torch.softmax(lo.clamp_min(MASK_VALUE.value), -1) @ vhat)[:, :, :, None, :]
-    lh = lse_hi.float().view(B, H, MQ, bs)
-    mx = torch.maximum(lh, lse_lo)
-    w_hi = torch.exp(lh - mx)[..., None]
-    w_lo = torch.exp(lse_lo - mx).nan_to_num(0.0)[..., None]
-    out = (o_hi.view(B, H, MQ, bs, Dv).float() * w_hi + o_lo * w_lo) / (w_hi + w_lo)
+    p_lo, lse_lo = softmax_and_lse(pooled.float())                      # [B, H, MQ, MK], [B, H, MQ]
+    o_lo = (p_lo @ vhat)[:, :, :, None, :]
+    out = merge_partial(o_hi.view(B, H, MQ, bs, Dv).float(), lse_hi.float().view(B, H, MQ, bs, 1),
+                        o_lo, lse_lo[..., None, None])
     return out.reshape(B, H, NQ, Dv).to(o_hi.dtype)

@@ -18,8 +18,12 @@ relative slack of 2^-22 so that the scores recomputed in pass 2 (same code, same
 same keys as pass 1 even if the compiler rounds them differently (2^-22, a couple of fp32 ulps);
 on continuous random data both events have probability ~1e-6 per row. Top-k is discontinuous at
 such near-ties: a kernel and a reference that round scores differently may keep a different k-th
-key there, so tests compare row by row and allow a rare mismatched row. A row with fewer than k unmasked keys keeps all of them; a row with none
-gives 0.
+key there, so tests compare row by row and allow a rare mismatched row. A row with fewer than k
+unmasked keys keeps all of them; a row with none gives 0. Non-finite inputs follow the torch
+reference: a NaN score is always kept and makes its row NaN, a +inf score makes its row NaN
+(inf - inf), a -inf score is a masked key. One difference below k = Nk: a non-finite value row of
+v reaches every row of its (batch, head) in that value column, as in SDPA (``0 * NaN`` in P V),
+while the torch path gathers only the kept values and reaches only the rows that keep that key.
 """
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MASK_ADD, MASK_BOOL, MASK_NONE, configs, interpreting, launch, device_reason, dtype_reason, general_mask_view,
-                      head_dim_reason, next_pow2)
+from ._common import (MASK_ADD, MASK_BOOL, MASK_NONE, configs, device_reason, dtype_reason, empty_output,
+                      general_mask_view, head_dim_reason, interpreting, launch, next_pow2)
 
 NEG_INF = tl.constexpr(float("-inf"))
 #: largest k the kernel selects in registers (a row holds the running top-KP and a tile of BN >= KP)
@@ -144,7 +148,8 @@ def _topk_kernel(
                     cur = _top(tl.reshape(tl.join(cur, s), [BM, 2 * KP]), KP, SEL)
         srt = tl.sort(cur)  # ascending: the k-th largest sits at KP - k
         thr = tl.max(tl.where((tl.arange(0, KP) == KP - KSEL)[None, :], srt, NEG_INF), 1)
-        thr = thr - tl.abs(thr) * 2.384185791015625e-07  # relative slack 2^-22 (see the tie rule)
+        # relative slack 2^-22 (see the tie rule); an infinite threshold stays as it is (inf - inf)
+        thr = tl.where(tl.abs(thr) < float("inf"), thr - tl.abs(thr) * 2.384185791015625e-07, thr)
 
     m = tl.full([BM], NEG_INF, tl.float32)
     lsum = tl.zeros([BM], tl.float32)
@@ -152,7 +157,8 @@ def _topk_kernel(
     for n0 in range(0, hi, BN):
         s, rn, n_ok = _scores(q, k_base, m_base, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale,
                               DP, MASK_KIND, CAUSAL, IEEE, BN)
-        s = tl.where(s >= thr[:, None], s, NEG_INF)
+        # NaN scores always count (they make the row NaN, like torch.topk ranking NaN first)
+        s = tl.where((s >= thr[:, None]) | (s != s), s, NEG_INF)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -165,8 +171,9 @@ def _topk_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m = m_new
-    s_ok = lsum > 0.0
-    inv = tl.where(s_ok, 1.0 / tl.where(s_ok, lsum, 1.0), 0.0)
+    # lsum = 0: no finite score (output 0); a NaN lsum (NaN / +inf scores) stays NaN
+    dead = lsum == 0.0
+    inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
     out = acc * inv[:, None]
     tl.store(OUT + b * sob + h * soh + rm[:, None] * son + rdv[None, :] * sod, out.to(OUT.dtype.element_ty),
              mask=m_ok[:, None] & (rdv < DV)[None, :])
@@ -184,6 +191,10 @@ def supports(q, k, v, attn_mask, is_causal, params) -> Optional[str]:
 
 
 def forward(q, k, v, attn_mask, scale, is_causal, params, out=None):
+    """Top-k attention (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*]; writes ``out`` when given."""
+    done = empty_output(q, k, v, out)
+    if done is not None:
+        return done
     B, H, NQ, D = q.shape
     Hk, NK, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hk

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..methods import REGISTRY, Method, get_method
+from ..methods.base import empty_result
 from .dead_rows import apply_dead_rows, parse_program
 
 NAMESPACE = "structattn"
@@ -58,7 +59,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: O
         raise ValueError(f"{what}: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
         raise ValueError(f"{what}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] != 0:
+    hq, hk = q.shape[1], k.shape[1]
+    if hk != v.shape[1] or (hq % hk if hk else hq):
         raise ValueError(
             f"{what}: key/value heads must be equal and divide query heads; got q {q.shape[1]}, "
             f"k {k.shape[1]}, v {v.shape[1]}"
@@ -118,6 +120,9 @@ def _define(method: Method) -> Any:
 
     def forward_impl(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, dead_rows, *pvalues):
         check_inputs(q, k, v, attn_mask, what)
+        empty = empty_result(q, k, v)   # an empty dimension: SDPA's result, whatever the method
+        if empty is not None:
+            return empty
         out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, method.Params(*pvalues),
                          dead_rows)
         # the fake impl promises a contiguous [B, H, Nq, Dv] tensor (inductor checks strides)
@@ -129,6 +134,8 @@ def _define(method: Method) -> Any:
         return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
     def backward_impl(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, dead_rows, *pvalues):
+        if empty_result(q, k, v) is not None:  # the output is empty or constant zeros
+            return tuple(t.new_zeros(t.shape) for t in (q, k, v))
         params = method.Params(*pvalues)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]

@@ -128,6 +128,24 @@ def exact_flops(site: SiteShape) -> Dim:
     return 2 * site.batch * site.num_heads * site.q_len * site.kv_len * (site.head_dim + site.v_head_dim)
 
 
+def empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """What SDPA returns when a dimension is empty, or None when there is work to do.
+
+    An empty batch, head, query or value-feature dimension gives an empty ``[B, H, Nq, Dv]``
+    result; no keys (``Nk = 0``) gives zeros, since a query with no key to attend to gets 0 (SDPA's
+    fully masked row). The zeros are built as sums over empty slices of q, k and v, so they are
+    part of the autograd graph (zero gradients, never NaN) like SDPA's result.
+    """
+    B, H, Nq = q.shape[0], q.shape[1], q.shape[2]
+    Nk, Dv = k.shape[2], v.shape[3]
+    if B and H and Nq and Dv and Nk:
+        return None
+    zero = (q[..., :0].sum(-1, keepdim=True)                      # [B, H, Nq, 1]
+            + k[..., :0].sum((1, 2, 3), keepdim=True).to(q.dtype)  # [B, 1, 1, 1]
+            + v[:, :, :0].sum((1, 2), keepdim=True).to(q.dtype))   # [B, 1, 1, Dv]
+    return zero.expand(B, H, Nq, Dv).contiguous()
+
+
 def _check_type(key: str, value: Any, hint: Any) -> None:
     origin = typing.get_origin(hint)
     options = typing.get_args(hint) if origin is Union else (hint,)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Method
-from .masks import as_additive, causal_keep
+from .masks import as_4d, as_additive, causal_keep
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class ExactMethod(Method):
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
          scale: float, is_causal: bool) -> torch.Tensor:
-    """SDPA that also accepts ``attn_mask`` together with ``is_causal`` and grouped k/v heads.
+    """SDPA that also accepts ``attn_mask`` together with ``is_causal``, grouped k/v heads and a
+    mask of fewer than 4 dims (``[Nk]`` included, which SDPA itself rejects).
 
     Causal attention with a key-padding mask runs as SDPA's ``is_causal`` kernel (which skips the
     upper triangle) without building an N x N mask: a mask that keeps every key is dropped, and
@@ -37,10 +38,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[
     block plus unmasked attention for queries past it. Other masks are combined into one.
     """
     gqa = k.shape[1] != q.shape[1]
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-        attn_mask = attn_mask.to(q.dtype)
-    if attn_mask is not None and _keeps_everything(attn_mask):
-        attn_mask = None
+    if attn_mask is not None:
+        attn_mask = as_4d(attn_mask)
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            attn_mask = attn_mask.to(q.dtype)
+        if _keeps_everything(attn_mask):
+            attn_mask = None
     if is_causal and attn_mask is not None:
         out = _causal_key_padding(q, k, v, attn_mask, scale, gqa)
         if out is not None:

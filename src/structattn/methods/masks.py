@@ -1,8 +1,10 @@
 """Mask helpers shared by the methods: SDPA mask semantics in one place.
 
-An ``attn_mask`` follows ``F.scaled_dot_product_attention``: a bool tensor (True = keep) or an
-additive float tensor, broadcastable to ``[B, H, Nq, Nk]``. ``is_causal`` is SDPA's top-left
-aligned causal mask (query i sees keys j <= i).
+An ``attn_mask`` follows ``F.scaled_dot_product_attention``: a bool tensor (True = keep, False a
+hard mask) or an additive float tensor, broadcastable to ``[B, H, Nq, Nk]``. Float values are
+biases added to the scores as they are (a row whose keys all carry -1e4 or ``finfo.min`` is an
+ordinary softmax row); only -inf is a hard mask. ``is_causal`` is SDPA's top-left aligned causal
+mask (query i sees keys j <= i). A query row with no finite logit gets output 0.
 """
 from __future__ import annotations
 
@@ -10,8 +12,23 @@ from typing import Optional
 
 import torch
 
-#: additive values at or below this count as "masked" when a method needs a keep/drop decision
+#: No method uses this: an additive value is a bias applied as is, and only -inf is a hard mask.
+#: ``calibrate`` uses it as a heuristic to spot padded query positions when it weights errors.
 MASKED_BELOW = -1e4
+
+
+def as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
+    """``attn_mask`` viewed as 4-D ``[B|1, H|1, Nq|1, Nk|1]`` by prepending size-1 dims (SDPA's
+    broadcasting), e.g. ``[Nk]`` -> ``[1, 1, 1, Nk]``. A view, never a copy.
+
+    Raises ValueError for a mask with more than 4 dims (it cannot broadcast to [B, H, Nq, Nk]).
+    """
+    if attn_mask.dim() > 4:
+        raise ValueError(
+            f"attn_mask must have at most 4 dims (broadcastable to [B, H, Nq, Nk]); got shape "
+            f"{tuple(attn_mask.shape)}"
+        )
+    return attn_mask[(None,) * (4 - attn_mask.dim())]
 
 
 def as_additive(attn_mask: Optional[torch.Tensor], dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
@@ -42,7 +59,7 @@ def combined_additive(
 
 
 def is_key_padding(attn_mask: Optional[torch.Tensor]) -> bool:
-    """True when the mask does not vary along queries (its query axis has size 1)."""
+    """True when the mask does not vary along queries (it has no query axis, or one of size 1)."""
     return attn_mask is None or attn_mask.dim() < 2 or attn_mask.shape[-2] == 1
 
 
@@ -59,10 +76,7 @@ def key_bias(attn_mask: Optional[torch.Tensor], batch: int, heads: int, nk: int,
             f"shape {tuple(attn_mask.shape)} that varies along queries. Use method 'topk' or 'exact' "
             f"for general masks."
         )
-    m = attn_mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    m = m[..., 0, :].expand(batch, heads, nk)
+    m = as_4d(attn_mask)[..., 0, :].expand(batch, heads, nk)
     return as_additive(m, torch.float32)
 
 

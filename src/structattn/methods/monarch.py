@@ -15,10 +15,13 @@ maximised by exact block-coordinate ascent starting from ``L_j = I``:
 
 We use the identity ``H(R) + sum_i R_i bias_i = lse_i(x_i + bias_i) - sum_i R_i x_i`` (x = the
 unbiased R-logits, ``sum_i R_i x_i = s * alpha . kbar``), which is exact and needs no
-``0 * log 0``. Masked keys carry the bias ``MASK_VALUE = -1e30`` instead of -inf inside the
-computation: a partly masked block gives its masked keys exactly zero weight (exp underflows to
-0), and a key block whose keys are ALL masked gets an L-logit of about -1e30, i.e. exactly zero
-weight as well, with every intermediate finite (no NaN in the forward or the backward).
+``0 * log 0``. Biases are used as they are: -inf for masked keys and block padding (exp gives
+exactly 0), finite values however negative (-1e4, ``finfo.min``) as biases. A softmax row with no
+finite logit gives 0 with log-sum-exp -inf (``softmax.softmax_and_lse``): a key block whose keys
+are ALL masked gets R = 0 and an L-logit of -inf, i.e. exactly zero weight, and a query whose keys
+are all masked gets L = 0, output 0. The L-logits are ``q . kbar`` plus the separate broadcast
+term ``H(R) + <R, bias>`` (or, for finite inputs, with -inf blocks masked after the matmul), so
+a -inf never enters a matmul (its backward would form 0 * inf).
 
 Decisions and deviations (the Triton kernel implements the same; keep them in sync):
 
@@ -33,10 +36,20 @@ Decisions and deviations (the Triton kernel implements the same; keep them in sy
    [B, H, 1, Nk]); padded keys get bias -inf. ``forward`` also accepts a mask with a query axis
    whose rows are all equal (e.g. a materialised HF padding mask) and raises ValueError for a mask
    that truly varies along queries or for ``is_causal`` (``supports`` refuses these sites).
-4. A query whose keys are all masked (-inf / False) gets output 0, like torch 2.13's SDPA
-   (detected from the mask, since with MASK_VALUE such a row would otherwise be a finite average).
-   Additive masks with finite values (e.g. -1e9 or finfo.min) are used as given, like SDPA.
-5. fp16 / bf16 inputs are computed in fp32 end to end (CPU has no fast half matmul anyway); the
+4. A query whose keys are all masked (-inf / False) gets output 0, like torch 2.13's SDPA. A row
+   whose keys all carry the same finite bias (-1e4, ``finfo.min``) is an ordinary softmax row, as
+   in SDPA (s + finfo.min rounds to finfo.min: the uniform average of v).
+5. A softmax over one element is 1, whatever its logit: with one key per block (``bk = 1``)
+   R = 1, kbar = k and H(R) + <R, bias> = bias exactly; with one block (M = 1) L = 1. Both exact
+   limits are therefore exact also with +-inf / NaN in q, k or v: a non-finite value poisons the
+   output rows it poisons in SDPA (its own query row; the rows whose logit with a poisoned key is
+   +inf or NaN; every row's value column for a poisoned value) and no other. In between (1 < bk <
+   Nk), R and L mix rows and blocks, so a non-finite value spreads further: a poisoned query row
+   (block l, position j) poisons its R row, which every query at position j reads in the L-step,
+   so all of them turn NaN; a poisoned key poisons the R rows of its block that see a +inf / NaN
+   logit, and through them the queries at those positions (typically all); a poisoned value, as
+   in SDPA, its column. Empty inputs (a dimension of size 0) return SDPA's result.
+6. fp16 / bf16 inputs are computed in fp32 end to end (CPU has no fast half matmul anyway); the
    output is cast back to the input dtype. float64 stays float64 (oracle tests).
 """
 from __future__ import annotations
@@ -49,8 +62,9 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from .base import Dim, Method, SiteShape
-from .masks import as_additive, is_key_padding
+from .base import Dim, Method, SiteShape, empty_result
+from .masks import as_4d, as_additive, is_key_padding
+from .softmax import safe_softmax, softmax_and_lse, softmax_lse
 
 __all__ = [
     "MonarchParams", "MonarchMethod", "monarch_forward", "monarch_blocks", "monarch_flops",
@@ -92,71 +106,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def softmax_lse(logits: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax and log-sum-exp along ``dim`` that are safe for rows of all -inf.
-
-    Such rows get probabilities 0 and lse -inf, with finite (zero) gradients. The stabilising
-    max is detached: the result does not depend on it, so the gradient stays exact.
-    """
-    m = logits.detach().amax(dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(logits - m)
-    s = e.sum(dim, keepdim=True)
-    alive = s > 0
-    s1 = torch.where(alive, s, torch.ones_like(s))
-    p = e / s1
-    lse = torch.where(alive, torch.log(s1) + m, torch.full_like(s, float("-inf")))
-    return p, lse.squeeze(dim)
-
-
-class _SoftmaxLse(torch.autograd.Function):
-    """``(softmax(x), logsumexp(x))`` over the last dim of a finite ``x``, sharing one exp pass
-    (in-place inside the forward); the backward is the usual one (d lse / dx = softmax)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        m = x.amax(-1, keepdim=True)
-        p = torch.sub(x, m)
-        p.exp_()
-        s = p.sum(-1, keepdim=True)
-        p.div_(s)
-        ctx.save_for_backward(p)
-        return p, (m + torch.log(s)).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, gp, glse):
-        (p,) = ctx.saved_tensors
-        g = gp if gp is not None else torch.zeros_like(p)
-        inner = (g * p).sum(-1, keepdim=True)
-        if glse is not None:
-            inner = inner - glse.unsqueeze(-1)
-        return p * (g - inner)
-
-
-def softmax_and_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax and log-sum-exp over the last dim of a tensor with finite entries (see MASK_VALUE)."""
-    return _SoftmaxLse.apply(x)
-
-
-def safe_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax along ``dim``; a row of all -inf gives zeros (SDPA's fully-masked-row behaviour)."""
-    return softmax_lse(logits, dim)[0]
-
-
 def key_padding_bias(attn_mask: Optional[torch.Tensor], nk: int, nk_pad: int, dtype: torch.dtype,
-                     device: torch.device, what: str, clamp: Optional[float] = None) -> Optional[torch.Tensor]:
+                     device: torch.device, what: str) -> Optional[torch.Tensor]:
     """A key-padding mask as an additive bias ``[Bm, Hm, nk_pad]`` (Bm in {1, B}, Hm in {1, H}).
 
-    Bool masks become 0 / -inf; float masks are used as they are (cast to ``dtype``), clamped from
-    below at ``clamp`` when given. Keys beyond ``nk`` (block padding) get -inf (never clamped, so
-    they stay below every real key). Returns None when there is neither a mask nor padding. A mask
+    Bool masks become 0 / -inf; float masks are used as they are (cast to ``dtype``). Keys beyond
+    ``nk`` (block padding) get -inf. Returns None when there is neither a mask nor padding. A mask
     with a query axis is accepted when all its rows are equal; otherwise ValueError naming ``what``.
     """
     bias = None
     if attn_mask is not None:
-        m = attn_mask
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
+        m = as_4d(attn_mask)
         if not is_key_padding(m):
             if not bool((m == m[..., :1, :]).all()):
                 raise ValueError(
@@ -167,8 +127,6 @@ def key_padding_bias(attn_mask: Optional[torch.Tensor], nk: int, nk_pad: int, dt
         m = m[..., 0, :]
         m = m.expand(m.shape[0], m.shape[1], nk)
         bias = as_additive(m, dtype)
-        if clamp is not None:
-            bias = bias.clamp_min(clamp)
     if nk_pad > nk:
         if bias is None:
             bias = torch.zeros(1, 1, nk, dtype=dtype, device=device)
@@ -177,8 +135,9 @@ def key_padding_bias(attn_mask: Optional[torch.Tensor], nk: int, nk_pad: int, dt
 
 
 def _check_heads(q: torch.Tensor, k: torch.Tensor) -> int:
+    """G = H / Hk, the query heads per key/value head; ValueError when Hk does not divide H."""
     h, hk = q.shape[1], k.shape[1]
-    if h % hk:
+    if hk == 0 or h % hk:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
     return h // hk
 
@@ -203,10 +162,6 @@ def monarch_blocks(nq: int, nk: int, block_size: Optional[int]) -> tuple[int, in
     return m, bq, bk
 
 
-#: additive bias standing in for -inf inside the methods: exp(MASK_VALUE - m) is exactly 0 for any
-#: finite row max m, and a row whose entries are all MASK_VALUE stays finite (no NaN, no 0/0)
-MASK_VALUE = -1e30
-
 #: target size (elements) of the largest temporary of one group of heads; groups of heads are
 #: processed one after the other so temporaries stay small (allocator- and cache-friendly)
 GROUP_ELEMS = 1 << 21
@@ -216,25 +171,6 @@ def head_groups(n_slices: int, elems_per_slice: int) -> list[tuple[int, int]]:
     """Split ``n_slices`` independent (batch, kv-head) slices into ranges of about GROUP_ELEMS work."""
     per = max(1, GROUP_ELEMS // max(1, elems_per_slice))
     return [(a, min(a + per, n_slices)) for a in range(0, n_slices, per)]
-
-
-def finite_bias(bias: torch.Tensor) -> torch.Tensor:
-    """Replace -inf (and anything below) by MASK_VALUE so every softmax row stays finite."""
-    return bias.clamp_min(MASK_VALUE)
-
-
-def dead_rows(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """For a key-padding mask: bool [Bm, Hm, 1, 1], True where every key is masked (False / -inf),
-    i.e. where SDPA returns 0; None when there is no such row."""
-    if attn_mask is None:
-        return None
-    m = attn_mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    m = m[..., :1, :]
-    keep = m if m.dtype == torch.bool else m > float("-inf")
-    dead = ~keep.any(-1, keepdim=True)
-    return dead if bool(dead.any()) else None
 
 
 def _flat_heads(t: Optional[torch.Tensor], B: int, Hk: int, G: int, H: int) -> Optional[torch.Tensor]:
@@ -247,11 +183,43 @@ def _flat_heads(t: Optional[torch.Tensor], B: int, Hk: int, G: int, H: int) -> O
     return t.expand(B, Hk, *rest).reshape(B * Hk, 1, *rest)
 
 
+def _l_step(qTa: torch.Tensor, kbar: torch.Tensor, ent_bias: torch.Tensor, finite: bool) -> torch.Tensor:
+    """Lt [.., j, l, k] = L_j[k, l] = softmax_k(s q_lj . kbar_kj + ent_kj) from qTa [.., j, l, D+1]
+    (q with a column of ones), kbar [.., k, j, D] and ent_bias [.., k, j] (-inf: a key block with no
+    finite R-logit, which gets no weight).
+
+    ``finite``: q, k and the biases hold no NaN / +-inf. Then the additive term rides in the matmul
+    through the ones column (with -inf blocks set to 0 there and masked after, so the backward
+    never forms 0 * inf) and torch's fused softmax serves every row with a finite logit. Otherwise
+    the logits are computed as plain arithmetic (q.kbar + ent, so inf - inf is NaN as in SDPA) and
+    softmaxed with ``softmax_and_lse`` (rows of no finite logit -> 0).
+    """
+    n, G, bq, M, D1 = qTa.shape
+    D = D1 - 1
+    ent_t = ent_bias.transpose(-1, -2)                                    # [.., j, k]
+    if not finite:
+        logits = qTa[..., :D] @ kbar.transpose(-3, -2).transpose(-1, -2)
+        logits.add_(ent_t.unsqueeze(-2))
+        return softmax_and_lse(logits)[0]
+    dead = ent_t == float("-inf")
+    kba = kbar.new_empty(n, G, bq, M, D + 1)                               # [.., j, k, D+1], one pass
+    kba[..., :D] = kbar.transpose(-3, -2)
+    kba[..., D] = ent_t.masked_fill(dead, 0.0)
+    logits = qTa @ kba.transpose(-1, -2)
+    if bool(dead.any()):
+        logits.masked_fill_(dead.unsqueeze(-2), float("-inf"))
+        if bool(dead.all(-1).any()):                                      # a query that sees no key
+            return softmax_and_lse(logits)[0]
+    return torch.softmax(logits, dim=-1)
+
+
 def _monarch_core(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                  qvalid: Optional[torch.Tensor], steps: int) -> torch.Tensor:
+                  qvalid: Optional[torch.Tensor], steps: int, finite: bool) -> torch.Tensor:
     """One group of heads. qs [n,G,M,bq,D] (scaled, padded rows 0), k [n,1,M,bk,D], v [n,1,M,bk,Dv],
-    bias [n,G|1,M,1,bk] finite or None, qvalid [bq,M,1] 0/1 or None -> z [n,G,M,bq,Dv] (a view)."""
+    bias [n,G|1,M,1,bk] (-inf = masked) or None, qvalid [bq,M,1] 0/1 or None, ``finite``: q, k and
+    the biases hold no NaN / +-inf -> z [n,G,M,bq,Dv] (a view)."""
     n, G, M, bq, D = qs.shape
+    bk = k.shape[-2]
     kT = k.transpose(-1, -2)                                               # [.., k, D, i]
     # q in L-step layout with a column of ones: [.., j, l, D+1]. The ones column turns the
     # L-step's additive term into part of the matmul, and gives c = sum_l L_j[k,l] in the R-step.
@@ -268,18 +236,26 @@ def _monarch_core(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
             c = alpha[..., D:]                                             # sum_l L_j[k,l] (valid l)
             c = torch.where(c > 0, c, torch.ones_like(c))                  # c = 0 -> alpha = 0
             a = (alpha[..., :D] / c).transpose(-3, -2)                     # [.., k, j, D]
-        logits = a @ kT                                                    # x: [.., k, j, i]
-        if bias is not None:
-            logits.add_(bias)                                              # x + bias (matmul keeps no output)
-        R, lse = softmax_and_lse(logits)                                   # [.., k, j, i], [.., k, j]
-        # ---- L-step: logits s q_lj . kbar_jk + H(R_k[j,:]) + <R_k[j,:], bias_k>
-        kbar = R @ k                                                       # sum_i R_k[j,i] k_ki
-        ent_bias = lse - torch.linalg.vecdot(a, kbar)                      # H(R) + <R, bias> = lse - <R, x>
-        kba = kbar.new_empty(n, G, bq, M, D + 1)                           # [.., j, k, D+1], one pass
-        kba[..., :D] = kbar.transpose(-3, -2)
-        kba[..., D] = ent_bias.transpose(-1, -2)
-        Lt = torch.softmax(qTa @ kba.transpose(-1, -2), dim=-1)            # [.., j, l, k]
-    y = R @ v                                                              # [.., k, j, Dv]
+        if bk == 1:
+            # a softmax over one key is 1 whatever its logit (+-inf included): R = 1, kbar = k and
+            # H(R) + <R, bias> = bias exactly (the lse identity below would give inf - inf)
+            R = None
+            kbar = k.expand(n, G, M, bq, D)
+            ent_bias = (bias[..., 0] if bias is not None else qs.new_zeros(())).expand(n, G, M, bq)
+        else:
+            logits = a @ kT                                                # x: [.., k, j, i]
+            if bias is not None:
+                logits.add_(bias)                                          # x + bias (matmul keeps no output)
+            R, lse = softmax_and_lse(logits)                               # [.., k, j, i], [.., k, j]
+            kbar = R @ k                                                   # sum_i R_k[j,i] k_ki
+            ent_bias = lse - torch.linalg.vecdot(a, kbar)                  # H(R) + <R, bias> = lse - <R, x>
+        if M == 1:
+            # one key block: L_j = 1 whatever its logit (no L-step to compute)
+            Lt = qs.new_ones(n, G, bq, 1, 1)
+            continue
+        # ---- L-step: logits s q_lj . kbar_jk + H(R_k[j,:]) + <R_k[j,:], bias_k> (-inf: no weight)
+        Lt = _l_step(qTa, kbar, ent_bias, finite)                          # [.., j, l, k]
+    y = v.expand(n, G, M, bq, v.shape[-1]) if R is None else R @ v       # [.., k, j, Dv]
     return (Lt @ y.transpose(-3, -2)).transpose(-3, -2)                    # [.., l, j, Dv]
 
 
@@ -292,6 +268,9 @@ def monarch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     (batch, kv-head) slices run one after another only to keep temporaries small.
     """
     what = "monarch attention"
+    empty = empty_result(q, k, v)
+    if empty is not None:
+        return empty
     B, H, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = _check_heads(q, k)
@@ -303,12 +282,15 @@ def monarch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     q4 = q.reshape(B * Hk, G, Nq, D)
     k4 = k.reshape(B * Hk, 1, Nk, D)
     v4 = v.reshape(B * Hk, 1, Nk, Dv)
-    # masked keys: MASK_VALUE (finite); block padding: -inf (every block has a real key, so no
-    # softmax row is all -inf)
-    bias = key_padding_bias(attn_mask, Nk, nkp, cdt, q.device, what, clamp=MASK_VALUE)
+    # the mask's biases as they are; block padding: -inf
+    bias = key_padding_bias(attn_mask, Nk, nkp, cdt, q.device, what)
     if bias is not None:
         bias = _flat_heads(bias, B, Hk, G, H)
         bias = bias.reshape(bias.shape[0], bias.shape[1], M, 1, bk)
+    # no NaN / +-inf in q, k or the biases (-inf biases are masks): the L-step's fast path is exact.
+    # A sum is non-finite whenever an element is (a finite sum that overflows only costs the fast path)
+    finite = bool(torch.isfinite(q.sum(dtype=cdt) + k.sum(dtype=cdt))) and (
+        bias is None or not bool((bias.isnan() | (bias == float("inf"))).any()))
     qvalid = None
     if nqp > Nq:
         qvalid = (torch.arange(nqp, device=q.device) < Nq).to(cdt).view(M, bq).transpose(0, 1).unsqueeze(-1)
@@ -321,7 +303,7 @@ def monarch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         qs = _pad_rows(q4[a:b].to(cdt) * scale, nqp).view(n, G, M, bq, D)
         kg = _pad_rows(k4[a:b].to(cdt), nkp).view(n, 1, M, bk, D)
         vg = _pad_rows(v4[a:b].to(cdt), nkp).view(n, 1, M, bk, Dv)
-        zg = _monarch_core(qs, kg, vg, None if bias is None else bias[a:b], qvalid, params.num_steps)
+        zg = _monarch_core(qs, kg, vg, None if bias is None else bias[a:b], qvalid, params.num_steps, finite)
         if len(groups) == 1:
             z = zg.contiguous()                                           # [n, G, l, j, Dv]
         else:
@@ -331,9 +313,6 @@ def monarch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     out = z.reshape(B, H, nqp, Dv)
     if nqp > Nq:
         out = out[:, :, :Nq]
-    dead = dead_rows(attn_mask)
-    if dead is not None:
-        out = out.masked_fill(dead, 0.0)
     return out.to(q.dtype)
 
 

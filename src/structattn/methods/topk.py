@@ -15,8 +15,14 @@ Decisions (the Triton kernel implements the same; keep them in sync):
    ``chunk_size * Nk`` scores plus ``chunk_size * k * Dv`` gathered values, whatever B and H are.
 2. Masked entries (-inf / False) never get weight: if a row has fewer than k unmasked keys the
    extra picks are -inf and get weight 0; a row with no unmasked key gets output 0 (torch 2.13
-   SDPA's behaviour). Ties at the k-th score are broken by ``torch.topk``.
-3. fp16 / bf16 inputs are computed in fp32; float64 stays float64.
+   SDPA's behaviour). Ties at the k-th score are broken by ``torch.topk``. Float masks are biases
+   added as they are (only -inf is a hard mask).
+3. Non-finite inputs follow SDPA row by row: a NaN score ranks above every other in
+   ``torch.topk``, so it is always kept and makes its row NaN; a +inf score makes its row NaN
+   (``inf - inf``); a -inf score is a masked key. A non-finite value in q poisons its own row
+   only. A non-finite value row of v reaches the rows that keep that key (with k >= Nk every row,
+   like SDPA). Empty inputs (a dimension of size 0) return SDPA's result.
+4. fp16 / bf16 inputs are computed in fp32; float64 stays float64.
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ from typing import Optional
 
 import torch
 
-from .base import Dim, Method, SiteShape
-from .monarch import _check_heads, compute_dtype, safe_softmax, sym_min
+from .base import Dim, Method, SiteShape, empty_result
+from .masks import as_4d
+from .monarch import _check_heads, compute_dtype, sym_min
+from .softmax import safe_softmax
 
 __all__ = ["TopkParams", "TopkMethod", "topk_forward", "topk_flops", "topk_pieces"]
 
@@ -50,6 +58,9 @@ def topk_pieces(n_kv_heads: int, group: int, nq: int, chunk_size: int) -> tuple[
 def topk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                  scale: float, is_causal: bool, params: TopkParams) -> torch.Tensor:
     """Top-k attention on q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv] -> [B,H,Nq,Dv]."""
+    empty = empty_result(q, k, v)
+    if empty is not None:
+        return empty
     B, H, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = _check_heads(q, k)
@@ -63,10 +74,7 @@ def topk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: O
     vf = v.reshape(BH, Nk, Dv)
     mask5 = None
     if attn_mask is not None:
-        m = attn_mask
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        mask5 = m.expand(B, H, Nq, Nk).view(B, Hk, G, Nq, Nk)   # a view: nothing materialised
+        mask5 = as_4d(attn_mask).expand(B, H, Nq, Nk).view(B, Hk, G, Nq, Nk)   # a view: nothing materialised
 
     heads_per, q_per = topk_pieces(BH, G, Nq, params.chunk_size)
     neg_inf = float("-inf")
