@@ -284,3 +284,34 @@ def test_chunks_give_the_same_result(seed, monkeypatch, chunk):
     assert rel_err(many, one) < 1e-13
     for a, b in zip(g_many, g_one):
         assert rel_err(a, b) < 1e-12
+
+
+_FAST_SHAPES = [(2, 4, 2, 100, 100), (1, 3, 3, 64, 64), (2, 2, 1, 37, 37)]
+
+
+@pytest.mark.parametrize("variant", ["mra2", "mra2s"])
+@pytest.mark.parametrize("mask", ["none", "bool", "padding_bias", "soft_bias"])
+@pytest.mark.parametrize("causal,shape", [(c, s) for c in (False, True) for s in _FAST_SHAPES]
+                         + [(False, (1, 2, 2, 20, 53))])   # causal cross attention runs the reference
+def test_fast_cpu_path_equals_the_reference(causal, variant, mask, shape):
+    """The fused CPU path (inference, no autograd) computes what the differentiable reference does."""
+    from structattn.methods import mra_cpu
+
+    B, H, Hk, Nq, Nk = shape
+    g = torch.Generator().manual_seed(hash((causal, variant, mask, shape)) % 2**31)
+    q = torch.randn(B, H, Nq, 16, generator=g)
+    k = torch.randn(B, Hk, Nk, 16, generator=g)
+    v = torch.randn(B, Hk, Nk, 12, generator=g)
+    keep = torch.ones(B, Nk, dtype=torch.bool)
+    keep[0, -min(Nk // 3, 17):] = False
+    keep[-1, 5:9] = False
+    attn_mask = {"none": None, "bool": keep[:, None, None, :],
+                 "padding_bias": torch.where(keep, 0.0, torch.finfo(torch.float32).min)[:, None, None, :],
+                 "soft_bias": torch.randn(B, 1, 1, Nk, generator=g) * 3}[mask]
+    params = MraParams(block_size=8, blocks_per_row=3, variant=variant, sink_blocks=1)
+    assert mra_cpu.usable(q, k, v, causal) is None
+    with torch.no_grad():
+        fast = mra_forward(q, k, v, attn_mask, 0.3, causal, params)
+    ref = mra_forward(q.requires_grad_(), k, v, attn_mask, 0.3, causal, params)   # autograd: the reference
+    assert torch.isfinite(fast).all()
+    assert rel_err(fast, ref.detach()) < 1e-5

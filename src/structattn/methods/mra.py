@@ -63,6 +63,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import mra_cpu
 from .base import Dim, Method, SiteShape, empty_result
 from .monarch import _check_heads, _pad_rows, ceil_div, compute_dtype, key_padding_bias, sym_min
 from .softmax import softmax_and_lse
@@ -304,6 +305,18 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     r = sel.block_idx.shape[-1]
     BH = B * Hk
 
+    lse_lo = o_lo = None
+    if params.variant == "mra2":
+        p_lo, lse_lo = softmax_and_lse(sel.pooled_logits)                   # [B, H, Mq, Mk]
+        vhat = mra_pool(v.to(cdt), key_weights(sel), b, H)                  # [B, H, Mk, Dv]
+        o_lo = p_lo @ vhat                                                  # [B, H, Mq, Dv]
+    if mra_cpu.usable(q, k, v, is_causal) is None:
+        lowres = None if o_lo is None else (o_lo, lse_lo)
+        return mra_cpu.high_res_cpu(q, k, v, sel, scale, is_causal, lowres, cdt).to(q.dtype)
+    if o_lo is not None:
+        lse_lo = lse_lo.reshape(BH, G, mq, 1, 1)
+        o_lo = o_lo.reshape(BH, G, mq, 1, Dv)
+
     q4 = q.reshape(BH, G, Nq, D)                # padding, scaling and casts happen per group
     k3 = k.reshape(BH, Nk, D)
     v3 = v.reshape(BH, Nk, Dv)
@@ -337,12 +350,6 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
         upper = torch.ones(b, b, dtype=torch.bool, device=dev).triu(1)
         diag = (on_diag.reshape(BH, G, mq, 1, 1) & upper)                   # [BH, G, Mq, b, b]
 
-    lse_lo = o_lo = None
-    if params.variant == "mra2":
-        p_lo, lse_lo = softmax_and_lse(sel.pooled_logits)                   # [B, H, Mq, Mk]
-        vhat = mra_pool(v.to(cdt), key_weights(sel), b, H)                  # [B, H, Mk, Dv]
-        lse_lo = lse_lo.reshape(BH, G, mq, 1, 1)
-        o_lo = (p_lo @ vhat).reshape(BH, G, mq, 1, Dv)
 
     # work is independent per (kv head, query block): chunks of about CHUNK_ELEMS elements in the
     # largest temporary (the gathered keys) keep every temporary small and allocator-friendly

@@ -28,14 +28,21 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CHUNK_BYTES = 4 << 20
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> Optional[str]:
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> Optional[str]:
     """None when this path can serve the call, else why not."""
     if q.device.type != "cpu":
         return "not a CPU tensor"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return "autograd is recording (the fused kernel has no log-sum-exp gradient)"
     if is_causal and q.shape[-2] != k.shape[-2]:
         return "causal cross attention"
+    if q.shape[-1] == 0:
+        return "head_dim 0 (SDPA's infinite default scale)"
+    if q.dtype == torch.float64:
+        return "float64 (the reference path is the oracle there)"
+    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+        # masked slots are -inf biases here: a query holding inf would turn them into NaN
+        return "non-finite inputs (the reference path poisons exactly what SDPA poisons)"
     return None
 
 
@@ -64,15 +71,30 @@ def high_res_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, scale: 
     """
     B, H, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    G = H // Hk
     b = sel.block
     mq, mk = -(-Nq // b), -(-Nk // b)
-    r = sel.block_idx.shape[-1]
-    dev = q.device
 
-    qp = F.pad(q.to(cdt), (0, 0, 0, mq * b - Nq))
-    kp = F.pad(k.to(cdt), (0, 0, 0, mk * b - Nk))
-    vp = F.pad(v.to(cdt), (0, 0, 0, mk * b - Nk))
+    # the fused kernel needs one head size for q, k and v: zero columns change no dot product
+    E = max(D, Dv)
+    qp = F.pad(q.to(cdt), (0, E - D, 0, mq * b - Nq))
+    kp = F.pad(k.to(cdt), (0, E - D, 0, mk * b - Nk))
+    vp = F.pad(v.to(cdt), (0, E - Dv, 0, mk * b - Nk))
+    if E != Dv:
+        return high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, (B, H, Nq, Nk, Hk))[..., :Dv]
+    return high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, (B, H, Nq, Nk, Hk))
+
+
+def high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, sizes) -> torch.Tensor:
+    """``high_res_cpu`` on q/k/v already padded to whole blocks and one head size."""
+    B, H, Nq, Nk, Hk = sizes
+    D = Dv = qp.shape[-1]
+    G = H // Hk
+    b = sel.block
+    mq, mk = qp.shape[-2] // b, kp.shape[-2] // b
+    r = sel.block_idx.shape[-1]
+    dev = qp.device
+    if lowres is not None and lowres[0].shape[-1] != Dv:
+        lowres = (F.pad(lowres[0], (0, Dv - lowres[0].shape[-1])), lowres[1])
     bias = None
     if sel.key_bias is not None:
         bias = sel.key_bias.to(cdt).expand(B, H, mk * b)                     # [B, H, Mk*b], -inf padding
