@@ -40,7 +40,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -
         return "head_dim 0 (SDPA's infinite default scale)"
     if q.dtype == torch.float64:
         return "float64 (the reference path is the oracle there)"
-    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+    # one reduction per tensor: a sum is finite iff every element is (barring an overflow, which
+    # only sends a finite call to the reference path)
+    if not all(bool(torch.isfinite(t.sum())) for t in (q, k, v)):
         # masked slots are -inf biases here: a query holding inf would turn them into NaN
         return "non-finite inputs (the reference path poisons exactly what SDPA poisons)"
     return None
@@ -76,12 +78,16 @@ def high_res_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, scale: 
 
     # the fused kernel needs one head size for q, k and v: zero columns change no dot product
     E = max(D, Dv)
-    qp = F.pad(q.to(cdt), (0, E - D, 0, mq * b - Nq))
-    kp = F.pad(k.to(cdt), (0, E - D, 0, mk * b - Nk))
-    vp = F.pad(v.to(cdt), (0, E - Dv, 0, mk * b - Nk))
+    qp = _pad(q.to(cdt), E - D, mq * b - Nq)
+    kp = _pad(k.to(cdt), E - D, mk * b - Nk)
+    vp = _pad(v.to(cdt), E - Dv, mk * b - Nk)
     if E != Dv:
         return high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, (B, H, Nq, Nk, Hk))[..., :Dv]
     return high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, (B, H, Nq, Nk, Hk))
+
+
+def _pad(t: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
+    return F.pad(t, (0, cols, 0, rows)) if cols or rows else t
 
 
 def high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, sizes) -> torch.Tensor:
@@ -98,7 +104,7 @@ def high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, sizes) -
     bias = None
     if sel.key_bias is not None:
         bias = sel.key_bias.to(cdt).expand(B, H, mk * b)                     # [B, H, Mk*b], -inf padding
-    out = torch.zeros(B, H, mq * b, Dv, dtype=cdt, device=dev)
+    out = torch.empty(B, H, mq * b, Dv, dtype=cdt, device=dev)   # every row is written below
     first = 0
     if is_causal:
         # query blocks 0..r-1: every candidate selected -> exact causal attention over the prefix
@@ -132,6 +138,7 @@ def high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, sizes) -
         lo_o = lowres[0][:, :, first:].reshape(-1, Dv)
         lo_l = lowres[1][:, :, first:].reshape(-1)
     rest = torch.empty(slots.shape[0], b, Dv, dtype=cdt, device=dev)
+    ctx.dest = rest
     if is_causal:
         on_diag = (slots[:, 0] == ctx.qblock) & valid[:, 0]
         if bool(on_diag.all()):
@@ -145,10 +152,8 @@ def high_res_cpu_padded(qp, kp, vp, sel, scale, is_causal, lowres, cdt, sizes) -
             continue
         take = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
         o = _attend(ctx, take, take(slots)[:, skip:], take(valid)[:, skip:], diag,
-                    None if lo_o is None else (take(lo_o), take(lo_l)))
-        if rows is None:
-            rest = o
-        else:
+                    None if lo_o is None else (take(lo_o), take(lo_l)), into=rest if rows is None else None)
+        if rows is not None:
             rest.index_copy_(0, rows, o)
     out.view(B, H, mq, b, Dv)[:, :, first:] = rest.view(B, H, m_rest, b, Dv)
     return out[:, :, :Nq]
@@ -164,9 +169,10 @@ class _Blocks:
 
 
 def _attend(c: _Blocks, take, slots: torch.Tensor, valid: torch.Tensor, diag: bool,
-            lowres: Optional[tuple]) -> torch.Tensor:
+            lowres: Optional[tuple], into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the triples ``take`` selects over their ``slots`` (and, with ``diag``, their
-    causal diagonal block), merged with ``lowres`` = (o_lo [T', Dv], lse_lo [T']). -> [T', b, Dv]."""
+    causal diagonal block), merged with ``lowres`` = (o_lo [T', Dv], lse_lo [T']). -> [T', b, Dv],
+    written into ``into`` when given."""
     b, cdt = c.b, c.cdt
     q_blocks, kv_base, head_base, qblock = take(c.q), take(c.kv_base), take(c.head_base), take(c.qblock)
     total, rr = slots.shape
@@ -178,7 +184,7 @@ def _attend(c: _Blocks, take, slots: torch.Tensor, valid: torch.Tensor, diag: bo
     per = max(1, _CHUNK_BYTES // max(1, max(rr, 1) * b * max(D, Dv) * (torch.finfo(cdt).bits // 8)))
     kbuf = torch.empty(per * rr, b * D, dtype=cdt, device=dev)
     vbuf = torch.empty(per * rr, b * Dv, dtype=cdt, device=dev)
-    outs = []
+    dest = into if into is not None else torch.empty(total, b, Dv, dtype=cdt, device=dev)
     for lo in range(0, total, per):
         hi = min(lo + per, total)
         n = hi - lo
@@ -214,8 +220,8 @@ def _attend(c: _Blocks, take, slots: torch.Tensor, valid: torch.Tensor, diag: bo
             parts.append((lowres[0][lo:hi, None].expand(n, b, Dv), lowres[1][lo:hi, None].expand(n, b)))
         if not parts:
             parts = [(qc.new_zeros(n, b, Dv), qc.new_full((n, b), float("-inf")))]
-        outs.append(_merge(parts))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+        dest[lo:hi] = _merge(parts)
+    return dest
 
 
 def _kv_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
