@@ -89,17 +89,19 @@ def topk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: O
         parts = []
         for q0 in range(0, Nq, q_per):
             q1 = min(q0 + q_per, Nq)
-            s = (qf[h0:h1, :, q0:q1].to(cdt) * scale) @ kT                 # [n, G, c, Nk]
+            # causal (top-left): queries q0..q1-1 see no key at or after q1, so those are not scored
+            nk = min(q1, Nk) if is_causal else Nk
+            s = (qf[h0:h1, :, q0:q1].to(cdt) * scale) @ kT[..., :nk]       # [n, G, c, nk]
             if mask5 is not None:
-                mp = mask5[:, :, :, q0:q1][fh // Hk, fh % Hk]               # [n, G, c, Nk]
+                mp = mask5[:, :, :, q0:q1, :nk][fh // Hk, fh % Hk]          # [n, G, c, nk]
                 if mp.dtype == torch.bool:
                     s = s.masked_fill(~mp, neg_inf)
                 else:
                     s = s + mp.to(cdt)
             if is_causal:
                 qpos = torch.arange(q0, q1, device=dev).unsqueeze(-1)
-                s = s.masked_fill(torch.arange(Nk, device=dev) > qpos, neg_inf)
-            vals, idx = torch.topk(s, kk, dim=-1, sorted=False)             # [n, G, c, kk]
+                s = s.masked_fill(torch.arange(nk, device=dev) > qpos, neg_inf)
+            vals, idx = torch.topk(s, min(kk, nk), dim=-1, sorted=False)    # [n, G, c, <=kk]
             del s
             w = safe_softmax(vals)
             v_sel = v_flat.index_select(0, (idx + base).reshape(-1)).view(*idx.shape, Dv)  # [n, G, c, kk, Dv]
