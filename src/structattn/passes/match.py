@@ -62,6 +62,9 @@ class Match:
     layer: str = ""
     scores_shape: Optional[tuple] = None
     scores_dtype: Optional[torch.dtype] = None
+    #: leading dims of the site ("site space"): the softmax input's, or the most split view of
+    #: them seen in the chain ([B, H] when the softmax runs on a [B*H, ..] view, as MBart writes it)
+    lead: Optional[tuple] = None
 
     def operand_shape(self, name: str) -> Optional[tuple]:
         """Shape of operand ``name`` (q, k or v) as the op receives it, before the 4-D unsqueeze:
@@ -207,8 +210,7 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
         name = call.name
 
         def term(node: Any, kind: str, coef: float = 1.0, fill: float = float("-inf")) -> None:
-            view = tuple(lead) if tuple(lead) != tuple(m.scores_shape[:-2]) else None
-            m.masks.append(MaskTerm(node, kind, coef, fill, factors, view))
+            m.masks.append(MaskTerm(node, kind, coef, fill, factors, tuple(lead)))
 
         if name in ("matmul", "einsum"):
             m.scale = post_scale
@@ -570,10 +572,18 @@ def _sdpa(call: Call) -> Match:
 def _check_shapes(m: Match) -> Match:
     if m.scores_shape is None:
         return m.refuse("the scores have no recorded shape")
-    site_rank = len(m.scores_shape)
+    lead = tuple(m.scores_shape[:-2])
+    for term in m.masks:   # a [B, H] view of a [B*H] softmax: the site lives in the split view
+        if term.lead is not None and len(term.lead) == 2 and len(lead) == 1 and isinstance(term.lead[1], int) \
+                and _same(lead, (term.lead[0] * term.lead[1],)):
+            lead = tuple(term.lead)
+    m.lead = lead
+    if lead != tuple(m.scores_shape[:-2]) and any(example(f) is not None and example(f).numel() != 1
+                                                  for f, _ in m.scale_nodes):
+        return m.refuse("a per-head scale applied in a reshaped view of the scores is not supported")
+    site_rank = len(lead) + 2
     if site_rank not in (2, 3, 4):
         return m.refuse(f"attention of rank {site_rank} (only [N, D], [BH, N, D] and [B, H, N, D] are rewritten)")
-    lead = tuple(m.scores_shape[:-2])
     shapes = {}
     for name in ("q", "k", "v"):
         op = getattr(m, name)
@@ -609,7 +619,7 @@ def _check_shapes(m: Match) -> Match:
         return m.refuse(f"k and v sequence lengths differ ({ks[-2]} vs {vs[-2]})")
     for term in m.masks:
         split = term.lead
-        if split is not None and not _term_placeable(term, split, lead):
+        if split is not None and tuple(split) != lead and not _term_placeable(term, split, lead):
             return m.refuse(f"a mask term of shape {_shape(term.node)} is added in a [{', '.join(map(str, split))}, ..] view of the scores that cannot be moved to [{', '.join(map(str, lead))}, ..]")
     _find_gqa(m)
     if m.k.grouped and m.v.gqa_source is None:
@@ -667,7 +677,7 @@ def _operand_shape(op: Operand, val: torch.Tensor) -> tuple:
 
 def _find_gqa(m: Match) -> None:
     """Undo ``repeat_kv`` (expand + reshape, or repeat_interleave) on k and v, if both have it."""
-    if len(m.scores_shape) != 4 or m.q.split_heads is not None:
+    if len(m.lead) != 2 or m.q.split_heads is not None:
         return
     found = []
     for op in (m.k, m.v):

@@ -23,7 +23,7 @@ def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params:
     With ``route_key`` the op is ``structattn::routed_attention`` (calibration), not the method's.
     """
     b = NodeBuilder(graph, m.output, m.anchor)
-    rank = len(m.scores_shape)
+    rank = len(m.lead) + 2
     q = _operand(b, m.q, rank)
     for factor, how in m.scale_nodes:
         q = b.call(operator.mul if how == "mul" else operator.truediv, q, factor)
@@ -69,9 +69,10 @@ def _operand(b: NodeBuilder, op: Operand, rank: int) -> Node:
 def _place_term(b: NodeBuilder, m: Match, t: MaskTerm, node: Node, rank: int) -> Node:
     """A mask term's tensor, broadcastable against the site's 4-D scores."""
     val = example(node)
-    if t.lead is not None and val is not None:
+    if t.lead is not None and tuple(t.lead) != tuple(m.lead) and val is not None:
+        # added in the [B*H, ..] view of a [B, H, ..] site
         if val.dim() >= 3 and val.shape[-3] != 1:
-            return b.call("unflatten", node, -3, (-1, m.scores_shape[1]), method=True)
+            return b.call("unflatten", node, -3, (-1, m.lead[1]), method=True)
         return node  # broadcast over the merged batch*heads axis: broadcasts the same in site space
     return node
 
