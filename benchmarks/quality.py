@@ -295,7 +295,7 @@ def run_minilm(args) -> list[dict]:
 
 def blocks_at_least_16(method: str):
     """Candidate grids with blocks of at least 16 (tile-friendly for GPU kernels), for ``calibrate``."""
-    from structattn.calibrate import _MRA_FRACTIONS
+    from structattn.methods.mra import CANDIDATE_FRACTIONS
 
     def grid(shape: SiteShape) -> list[dict]:
         n = int(shape.kv_len)
@@ -305,7 +305,7 @@ def blocks_at_least_16(method: str):
         for b in (16, 32):
             mk = -(-n // b)
             out += [{"block_size": b, "blocks_per_row": r, "variant": "mra2"}
-                    for r in sorted({max(1, round(f * mk)) for f in _MRA_FRACTIONS}) if r < mk]
+                    for r in sorted({max(1, round(f * mk)) for f in CANDIDATE_FRACTIONS}) if r < mk]
         return out
     return grid
 

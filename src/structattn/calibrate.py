@@ -64,16 +64,13 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from .config import Config
-from .methods import SiteShape, exact_flops, get_method, REGISTRY
+from .methods import REGISTRY, Method, SiteShape, exact_flops, get_method
 from .methods.exact import sdpa
-from .methods.masks import MASKED_BELOW
-from .methods.monarch import ceil_div, ceil_sqrt
+from .methods.common import FILL_MASKED_AT
 
 __all__ = ["calibrate", "CalibratedOptions", "CalibrationSummary", "LayerChoice", "Candidate",
-           "default_candidates", "DEFAULT_METHODS"]
+           "default_candidates", "default_methods"]
 
-#: methods tried when ``methods=None``
-DEFAULT_METHODS = ("monarch", "mra", "topk")
 _BUDGET_KEYS = ("layer_error", "cosine", "min_cosine", "metric")
 
 
@@ -196,53 +193,18 @@ class CalibratedOptions(dict):
 # ------------------------------------------------------------------------------------------------
 # candidate grids
 # ------------------------------------------------------------------------------------------------
-def _pow2_between(lo: float, hi: float) -> list[int]:
-    out, p = [], 1
-    while p <= hi:
-        if p >= lo:
-            out.append(p)
-        p *= 2
-    return out
-
-
-_MRA_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 7 / 16, 1 / 2, 5 / 8, 3 / 4)
+def default_methods() -> list[str]:
+    """The methods tried when ``methods=None``: every registered method with a candidate grid
+    (``Method.candidates`` overridden), exact excluded, in registry order."""
+    return [name for name, m in REGISTRY.items()
+            if name != "exact" and type(m).candidates is not Method.candidates]
 
 
 def default_candidates(method: str, shape: SiteShape) -> list[dict]:
-    """The parameter grid tried for ``method`` on a site of this shape (before ``supports``).
-
-    * monarch: block size b a power of two in [N/32, N/4] (and >= 2) plus ceil(sqrt(N)); steps T in 1..2
-      (T = 3 was never on a measured Pareto front);
-    * mra: variant mra2 with blocks b in {8, 16} for N <= 512 and {16, 32} above (smaller blocks had
-      lower error at equal FLOPs on every real layer we measured); ``blocks_per_row`` r giving about
-      1/32 .. 3/4 of the key blocks (r < number of key blocks); on causal sites also with
-      ``sink_blocks=1`` (the first key block always exact: on SmolLM2 at 1K tokens, b=32 r=4 on
-      all layers went from perplexity 63.8 to 34.2 with it, exact 30.2);
-    * topk: k in {N/32, N/16, N/8, N/4} (k >= 4, k < N);
-    * any other registered method: its default parameters.
-    Candidates whose estimated FLOPs are not below exact attention's are dropped later.
-    """
-    n = int(shape.kv_len)
-    if method == "monarch":
-        blocks = sorted(set(_pow2_between(max(2, n / 32), n / 4)) | ({ceil_sqrt(n)} if n >= 4 else set()))
-        return [{"block_size": b, "num_steps": t} for t in (1, 2) for b in blocks if 2 <= b < n]
-    if method == "mra":
-        out = []
-        for b in ((8, 16) if n <= 512 else (16, 32)):
-            mk = ceil_div(n, b)
-            if mk < 2:
-                continue
-            rs = sorted({max(1, round(f * mk)) for f in _MRA_FRACTIONS})
-            sinks = (0, 1) if shape.causal and mk > 2 else (0,)
-            out += [{"block_size": b, "blocks_per_row": r, "variant": "mra2", "sink_blocks": s}
-                    for r in rs if r < mk for s in sinks if s < r]
-        return out
-    if method == "topk":
-        ks = sorted({n // d for d in (32, 16, 8, 4) if 4 <= n // d < n})
-        return [{"k": k, "chunk_size": 1024} for k in ks]
-    if method == "exact":
-        return []
-    return [{}]
+    """The parameter grid tried for ``method`` on a site of this shape (before ``supports``):
+    ``get_method(method).candidates(shape)``. Candidates whose estimated FLOPs are not below exact
+    attention's are dropped later."""
+    return get_method(method).candidates(shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +310,7 @@ def _row_weights(call: _Call) -> Optional[torch.Tensor]:
         m = m.unsqueeze(0)
     if m.shape[-2] != 1:
         return None
-    keep = m if m.dtype == torch.bool else m > MASKED_BELOW
+    keep = m if m.dtype == torch.bool else m > FILL_MASKED_AT
     w = keep.expand(*keep.shape[:-2], 1, nk).transpose(-1, -2).to(call.out.dtype)   # [B|1, H|1, N, 1]
     return w
 
@@ -424,7 +386,8 @@ def calibrate(
             exact ``output_fn`` results, over the last dim, >= value), ``"min_cosine"`` (their
             minimum >= value), ``"metric"`` (``metric_fn(...) <= value``). The end-to-end keys are
             measured on the whole model.
-        methods: method names to try (default ``("monarch", "mra", "topk")``); exact is always allowed.
+        methods: method names to try (default ``default_methods()``: every registered method with a
+            candidate grid, i.e. monarch, mra, topk); exact is always allowed.
         output_fn: ``output_fn(output, sample) -> Tensor`` (``sample`` is the dict / tuple given;
             anything but a tensor is a ValueError),
             what end-to-end budgets compare (e.g. pooled sentence embeddings, or per-token NLL for a
@@ -602,7 +565,7 @@ def _run_sample(compiled: Callable, sample: tuple[tuple, dict], sample_inputs: A
 
 def _check_methods(methods: Optional[Sequence[str]]) -> list[str]:
     if methods is None:
-        return [m for m in DEFAULT_METHODS if m in REGISTRY]
+        return default_methods()
     if isinstance(methods, str):
         methods = [methods]
     out = []

@@ -59,7 +59,7 @@ def _check_supported(method: str, q, k, v, attn_mask, is_causal: bool, pargs: tu
 
 
 def _mask_kind(attn_mask: Optional[torch.Tensor], is_causal: bool) -> str:
-    from .methods.masks import is_key_padding
+    from .methods.common import is_key_padding
 
     if attn_mask is None:
         return "causal" if is_causal else "none"

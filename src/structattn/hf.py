@@ -53,7 +53,7 @@ from .config import Config, Resolved
 from .lowering.ops import op_args, op_for
 from .passes.cost import auto_min_seq_len, cost_reason
 from .methods import SiteShape, exact_flops, get_method
-from .methods.masks import causal_keep
+from .methods.common import causal_keep
 from .report import Site, _gflop, _heads
 
 __all__ = ["NAME", "register", "apply", "report", "attention_forward", "build_mask", "plan_mask", "HFReport", "HFSite"]

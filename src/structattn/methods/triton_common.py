@@ -1,65 +1,63 @@
-"""Helpers shared by the Triton kernels (no torch.fx, no methods/ imports beyond masks).
+"""Helpers shared by the methods' Triton modules (``<name>/triton.py``; no torch.fx here).
 
-* ``interpreting()``: whether TRITON_INTERPRET=1 runs kernels on the CPU (then every kernel is
-  built with ONE autotune config: the interpreter cannot benchmark several);
-* ``configs(gpu, cpu)``: the config list for ``triton.autotune``;
+* ``configs(warps_stages)``: the config list for ``triton.autotune`` (ONE config under
+  ``interpreting()``: the interpreter cannot benchmark several); ``launch``: autotuned launches
+  with the best config remembered;
+* ``NEG_INF`` (the masked logit inside kernels) and ``dot_precision(dtype)``, the constexpr
+  ``input_precision`` of every ``tl.dot`` (IEEE fp32 for fp32 inputs, so kernels match torch's
+  fp32 matmuls to rounding);
+* ``input_reason``: the run-time checks every kernel shares (device, dtype, head size);
 * ``key_bias_view``: a key-padding mask as a float32 [B, H, Nk] *view* (broadcast dims get stride 0);
 * ``general_mask_view``: any SDPA mask as a [B, H, Nq, Nk] view plus its kind (bool / additive);
-* ``empty_output``: SDPA's result for inputs with an empty dimension (no launch);
-* small integer helpers.
+* ``empty_output``: SDPA's result for inputs with an empty dimension (no launch).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 
-from ..methods.base import empty_result
-from ..methods.masks import as_4d
+from .base import empty_result
+from .common import MASKED, as_4d, as_additive, interpreting
 
 #: mask kinds passed to kernels as a constexpr
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+#: the masked logit inside kernels
+NEG_INF = tl.constexpr(MASKED)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' ``tl.dot``: "ieee" for fp32 inputs, else triton's
+    default "tf32" (which only fp32 operands see; fp16 / bf16 products are exact in fp32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def configs(gpu: list, cpu: Optional[list] = None) -> list:
-    """``gpu`` on a real device; under the interpreter the single ``cpu`` config (or gpu[0])."""
-    if interpreting():
-        return [cpu[0] if cpu else gpu[0]]
-    return gpu
+def configs(warps_stages: list) -> list:
+    """``triton.autotune`` configs, one per ``(num_warps, num_stages)``; under the interpreter only
+    the first (it cannot benchmark several)."""
+    pairs = warps_stages[:1] if interpreting() else warps_stages
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
 
 
 def next_pow2(x: int, lo: int = 16) -> int:
+    """The next power of two >= x, at least ``lo`` (tile sizes)."""
     return max(lo, triton.next_power_of_2(int(x)))
 
 
-def dtype_reason(q: torch.Tensor) -> Optional[str]:
+def input_reason(q: torch.Tensor, v: torch.Tensor, head_dim_limit: int = 128) -> Optional[str]:
+    """Why no kernel can take these inputs (device, dtype, head size), or None."""
+    if not (q.is_cuda or (q.device.type == "cpu" and interpreting())):
+        return f"tensors on {q.device} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"the kernels support float16, bfloat16 and float32, not {q.dtype}"
+    if q.shape[-1] > head_dim_limit or v.shape[-1] > head_dim_limit:
+        return (f"head_dim {q.shape[-1]} / value head_dim {v.shape[-1]} above the kernels' limit of "
+                f"{head_dim_limit}")
     return None
-
-
-def head_dim_reason(q: torch.Tensor, v: torch.Tensor, limit: int = 128) -> Optional[str]:
-    if q.shape[-1] > limit or v.shape[-1] > limit:
-        return f"head_dim {q.shape[-1]} / value head_dim {v.shape[-1]} above the kernels' limit of {limit}"
-    return None
-
-
-def device_reason(q: torch.Tensor) -> Optional[str]:
-    if q.is_cuda or (q.device.type == "cpu" and interpreting()):
-        return None
-    return f"tensors on {q.device} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-
-
-def strides4(t: torch.Tensor) -> tuple:
-    return tuple(t.stride())
 
 
 def empty_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -81,12 +79,7 @@ def key_bias_view(attn_mask: Optional[torch.Tensor], batch: int, heads: int, nk:
     """
     if attn_mask is None:
         return None
-    m = as_4d(attn_mask)[..., 0, :]  # [b?, h?, Nk?]
-    if m.dtype == torch.bool:
-        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
-    else:
-        m = m.to(torch.float32)
-    return m.expand(batch, heads, nk)
+    return as_additive(as_4d(attn_mask)[..., 0, :], torch.float32).expand(batch, heads, nk)
 
 
 def general_mask_view(attn_mask: Optional[torch.Tensor], batch: int, heads: int, nq: int, nk: int):
