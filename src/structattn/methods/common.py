@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import sympy
 import torch
@@ -90,6 +90,26 @@ def check_heads(q: torch.Tensor, k: torch.Tensor) -> int:
     if hk == 0 or h % hk:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
     return h // hk
+
+
+class Sizes(NamedTuple):
+    """The sizes of one attention call: q [B, H, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv];
+    G = H / Hk query heads per key/value head."""
+
+    B: int
+    H: int
+    Hk: int
+    Nq: int
+    Nk: int
+    D: int
+    Dv: int
+    G: int
+
+
+def sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Sizes:
+    """``Sizes`` of q, k, v; ValueError when Hk does not divide H."""
+    B, H, Nq, D = q.shape
+    return Sizes(B, H, k.shape[1], Nq, k.shape[2], D, v.shape[3], check_heads(q, k))
 
 
 def pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -6,6 +6,9 @@
 * ``NEG_INF`` (the masked logit inside kernels) and ``dot_precision(dtype)``, the constexpr
   ``input_precision`` of every ``tl.dot`` (IEEE fp32 for fp32 inputs, so kernels match torch's
   fp32 matmuls to rounding);
+* ``split_head``, ``online_softmax``, ``inverse_or_zero``, ``log_sum``: the jit pieces every
+  flash-style loop shares (program index -> batch / heads; one tile of a streaming softmax with
+  SDPA's fully masked rows; the final normalisation);
 * ``input_reason``: the run-time checks every kernel shares (device, dtype, head size);
 * ``key_bias_view``: a key-padding mask as a float32 [B, H, Nk] *view* (broadcast dims get stride 0);
 * ``general_mask_view``: any SDPA mask as a [B, H, Nq, Nk] view plus its kind (bool / additive);
@@ -28,6 +31,41 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 NEG_INF = tl.constexpr(MASKED)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def split_head(bh, H, G):
+    """(batch, query head, kv head) of a program's flat ``batch * H + head`` index (G query heads
+    per kv head)."""
+    h = bh % H
+    return bh // H, h, h // G
+
+
+@triton.jit
+def online_softmax(m, lsum, x):
+    """One tile ``x`` [rows, cols] of a streaming softmax: returns the new running row max, the
+    factor ``alpha`` that rescales what was accumulated so far, the tile's weights ``p`` and the
+    new running sum. A row with no finite logit yet keeps max -inf and gets weights 0 (its shift
+    is taken as 0, so exp gives 0, not NaN); NaN and +inf propagate."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(x - m_safe[:, None])
+    return m_new, alpha, p, lsum * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def inverse_or_zero(s):
+    """``1 / s``, and 0 where ``s == 0`` (a row with no finite logit: output 0); NaN stays NaN."""
+    dead = s == 0.0
+    return tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, s))
+
+
+@triton.jit
+def log_sum(m, lsum):
+    """The row log-sum-exp ``m + log(lsum)`` of a streaming softmax; -inf where ``lsum == 0``."""
+    dead = lsum == 0.0
+    return tl.where(dead, NEG_INF, m + tl.log(tl.where(dead, 1.0, lsum)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

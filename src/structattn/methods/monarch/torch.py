@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..base import empty_result
-from ..common import MASKED, check_heads, compute_dtype, key_padding_bias, pad_rows, softmax_and_lse
+from ..common import MASKED, compute_dtype, key_padding_bias, pad_rows, sizes, softmax_and_lse
 from . import MonarchParams, monarch_blocks
 
 
@@ -124,9 +124,7 @@ def monarch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     empty = empty_result(q, k, v)
     if empty is not None:
         return empty
-    B, H, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    G = check_heads(q, k)
+    B, H, Hk, Nq, Nk, D, Dv, G = sizes(q, k, v)
     cdt = compute_dtype(q.dtype)
     M, bq, bk = monarch_blocks(Nq, Nk, params.block_size)
     nqp, nkp = M * bq, M * bk

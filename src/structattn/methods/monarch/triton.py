@@ -38,8 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, input_reason, key_bias_view, launch,
-                             next_pow2)
+from ..common import sizes
+from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, input_reason, inverse_or_zero,
+                             key_bias_view, launch, log_sum, next_pow2, online_softmax, split_head)
 from . import monarch_blocks
 
 
@@ -58,9 +59,7 @@ def _r_kernel(
     pid_j = tl.program_id(0)
     kb = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // G
+    b, h, hk = split_head(bh, H, G)
     rj = pid_j * BM + tl.arange(0, BM)
     n_q = kb * BQ + rj
     row_ok = rj < BQ
@@ -98,25 +97,19 @@ def _r_kernel(
             if HAS_BIAS:
                 t = t + tl.sum(tl.where(k_ok[None, :] & (rj >= 0)[:, None], bias[None, :], 0.0), 1)
         else:
-            m_new = tl.maximum(m, tl.max(x, 1))
-            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(x - m_safe[:, None])
-            lsum = lsum * alpha + tl.sum(p, 1)
+            m, alpha, p, lsum = online_softmax(m, lsum, x)
             t = t * alpha + tl.sum(p * raw, 1)
-            m = m_new
         pc = p.to(kt.dtype)
         acc_a = acc_a * alpha[:, None] + tl.dot(pc, kt, input_precision=DOT)
         if WRITE_Y:
             vt = tl.load(v_base + n_k[:, None] * svn + rdv[None, :] * svd, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
             acc_y = acc_y * alpha[:, None] + tl.dot(pc, vt, input_precision=DOT)
     # lsum = 0: no finite logit in the block (E = -inf: no weight in the L-step); NaN stays NaN
-    dead = lsum == 0.0
-    inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
+    inv = inverse_or_zero(lsum)
     if SINGLE:
         e = t  # the key's bias (0 without a mask)
     else:
-        e = tl.where(dead, NEG_INF, m + tl.log(tl.where(dead, 1.0, lsum)) - t * inv)
+        e = log_sum(m, lsum) - t * inv
     a = acc_a * (inv * scale)[:, None]
     tl.store(A + bh * NP * D + n_q[:, None] * D + rd[None, :], a.to(A.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -140,8 +133,7 @@ def _l_kernel(
     pid_l = tl.program_id(0)
     j = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    b, h, _ = split_head(bh, H, 1)
     rl = pid_l * BL + tl.arange(0, BL)
     n_l = rl * BQ + j
     l_ok = (rl < M) & (n_l < NQ)
@@ -167,26 +159,20 @@ def _l_kernel(
             p = tl.where(k_ok[None, :] & l_ok[:, None], 1.0, 0.0)
             alpha = tl.full([BL], 1.0, tl.float32)
             m_new = tl.zeros([BL], tl.float32)
+            lsum = lsum + tl.sum(p, 1)
         else:
-            m_new = tl.maximum(m, tl.max(g, 1))
-            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(g - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, 1)
+            m_new, alpha, p, lsum = online_softmax(m, lsum, g)
         if MODE == 0:
             y = tl.load(Y + bh * NP * DV + n_k[:, None] * DV + rdv[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(y.dtype), y, input_precision=DOT)
         m = m_new
     # lsum = 0: no finite logit (output 0, lse -inf); a NaN lsum stays NaN
-    dead = lsum == 0.0
     if MODE == 0:
-        inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
-        out = acc * inv[:, None]
+        out = acc * inverse_or_zero(lsum)[:, None]
         tl.store(OUT + b * sob + h * soh + n_l[:, None] * son + rdv[None, :] * sod, out.to(OUT.dtype.element_ty),
                  mask=l_ok[:, None] & dv_ok[None, :])
     else:
-        lse = tl.where(dead, NEG_INF, m + tl.log(tl.where(dead, 1.0, lsum)))
-        tl.store(LSE + bh * NP + n_l, lse, mask=l_ok)
+        tl.store(LSE + bh * NP + n_l, log_sum(m, lsum), mask=l_ok)
 
 
 @triton.autotune(configs=configs([(4, 2), (8, 2)]), key=["M", "DP", "BL", "BK"])
@@ -200,8 +186,7 @@ def _lalpha_kernel(
     pid_k = tl.program_id(0)
     j = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    b, h, _ = split_head(bh, H, 1)
     rk = pid_k * BK + tl.arange(0, BK)
     n_k = rk * BQ + j
     k_ok = rk < M
@@ -229,9 +214,7 @@ def _lalpha_kernel(
             p = tl.where(use[None, :], tl.exp(g - lse_safe[None, :]), 0.0)
         c += tl.sum(p, 1)
         acc += tl.dot(p.to(q.dtype), q, input_precision=DOT)
-    none = c == 0.0  # no valid query row weighs this block: alpha^R / c = 0
-    inv = tl.where(none, 0.0, 1.0 / tl.where(none, 1.0, c))
-    qr = acc * inv[:, None]
+    qr = acc * inverse_or_zero(c)[:, None]  # c = 0: no valid query row weighs this block, alpha^R / c = 0
     tl.store(QR + bh * NP * D + n_k[:, None] * D + rd[None, :], qr.to(QR.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
 
@@ -264,9 +247,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None):
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
-    B, H, NQ, D = q.shape
-    Hk, NK, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = H // Hk
+    B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     T = int(params.num_steps)
     M, BQ, BK = monarch_blocks(NQ, NK, params.block_size)
     NP = M * BQ  # padded query length: scratch rows (k, j) live at k*BQ + j

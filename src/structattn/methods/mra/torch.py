@@ -10,7 +10,7 @@ import torch
 
 from ..base import empty_result
 from ..common import (MASKED, block_sums, ceil_div, check_heads, compute_dtype, key_padding_bias, pad_rows, row_shift,
-                      softmax_and_lse)
+                      sizes, softmax_and_lse)
 from . import MraParams, clamp_block, fused_cpu
 
 
@@ -196,9 +196,7 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     empty = empty_result(q, k, v)
     if empty is not None:
         return empty
-    B, H, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    G = check_heads(q, k)
+    B, H, Hk, Nq, Nk, D, Dv, G = sizes(q, k, v)
     cdt = compute_dtype(q.dtype)
     dev = q.device
     sel = mra_select(q, k, attn_mask, scale, is_causal, params)

@@ -47,8 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import ceil_div, key_padding_bias
-from ..triton_common import NEG_INF, configs, dot_precision, empty_output, input_reason, launch, next_pow2
+from ..common import ceil_div, key_padding_bias, sizes
+from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, input_reason, inverse_or_zero, launch,
+                             next_pow2, online_softmax, split_head)
 from . import VARIANTS, clamp_block
 from .torch import RANK_LIMIT as _RANK_LIMIT, SINK_RANK as _SINK_RANK, MraSelection, mra_select
 
@@ -71,9 +72,7 @@ def _pool_qk_kernel(
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
+    b, h, hk = split_head(bh, H, G)
     rd = tl.arange(0, DP)
     dmask = rd < D
     if j < MQ:
@@ -241,9 +240,7 @@ def _pool_v_kernel(
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
+    b, h, hk = split_head(bh, H, G)
     rdv = tl.arange(0, DVP)
     acc = tl.zeros([DVP], tl.float32)
     cnt = tl.zeros([BB], tl.float32)
@@ -287,9 +284,7 @@ def _mra_kernel(
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
+    b, h, hk = split_head(bh, H, G)
     i0 = pid * QB
     rd = tl.arange(0, DP)
     rdv = tl.arange(0, DVP)
@@ -308,15 +303,10 @@ def _mra_kernel(
             j_ok = rj < MK
             pl = tl.load(POOLED + (bh * MQ + rq[:, None]) * MK + rj[None, :],
                          mask=rq_ok[:, None] & j_ok[None, :], other=NEG_INF)
-            m_new = tl.maximum(m_lo, tl.max(pl, 1))
-            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = tl.exp(m_lo - m_safe)
-            p = tl.exp(pl - m_safe[:, None])
-            l_lo = l_lo * alpha + tl.sum(p, 1)
+            m_lo, alpha, p, l_lo = online_softmax(m_lo, l_lo, pl)
             vh = tl.load(VHAT + (bh * MK + rj[:, None]) * DV + rdv[None, :], mask=j_ok[:, None] & dv_ok[None, :],
                          other=0.0)
             acc_lo = acc_lo * alpha[:, None] + tl.dot(p, vh, input_precision=DOT)
-            m_lo = m_new
 
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -354,15 +344,10 @@ def _mra_kernel(
                             if CAUSAL:
                                 keep = keep & (n_k[None, :] <= n_q[:, None])
                             x = tl.where(keep, x, NEG_INF)
-                            m_new = tl.maximum(m, tl.max(x, 1))
-                            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-                            alpha = tl.exp(m - m_safe)
-                            p = tl.exp(x - m_safe[:, None])
-                            lsum = lsum * alpha + tl.sum(p, 1)
+                            m, alpha, p, lsum = online_softmax(m, lsum, x)
                             vt = tl.load(v_base + n_k[:, None] * svn + rdv[None, :] * svd,
                                          mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
                             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT)
-                            m = m_new
                 # log-sum-exp merge of the exact (selected) and pooled partial softmaxes
                 mt = tl.maximum(m, mlo)
                 mt_safe = tl.where(mt == NEG_INF, 0.0, mt)
@@ -371,8 +356,7 @@ def _mra_kernel(
                 num = acc * w_hi[:, None] + olo[None, :] * w_lo[:, None]
                 den = lsum * w_hi + llo * w_lo
                 # den = 0: no finite logit in either branch (output 0); a NaN den stays NaN
-                dead = den == 0.0
-                out = num * tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, den))[:, None]
+                out = num * inverse_or_zero(den)[:, None]
                 tl.store(OUT + b * sob + h * soh + n_q[:, None] * son + rdv[None, :] * sod,
                          out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & dv_ok[None, :])
 
@@ -450,9 +434,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, selection=None, out
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
-    B, H, NQ, D = q.shape
-    Hk, NK, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = H // Hk
+    B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     sel = selection if selection is not None else select_blocks(q, k, attn_mask, scale, is_causal, params)
     bs = sel.block
     MQ, MK = ceil_div(NQ, bs), ceil_div(NK, bs)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..base import empty_result
-from ..common import MASKED, as_4d, check_heads, compute_dtype, safe_softmax
+from ..common import MASKED, as_4d, compute_dtype, safe_softmax, sizes
 from . import TopkParams
 
 
@@ -29,9 +29,7 @@ def topk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: O
     empty = empty_result(q, k, v)
     if empty is not None:
         return empty
-    B, H, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    G = check_heads(q, k)
+    B, H, Hk, Nq, Nk, D, Dv, G = sizes(q, k, v)
     cdt = compute_dtype(q.dtype)
     dev = q.device
     kk = min(params.k, Nk)

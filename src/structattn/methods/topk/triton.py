@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import interpreting
-from ..triton_common import NEG_INF, configs, dot_precision, empty_output, general_mask_view, input_reason, launch, next_pow2
+from ..common import interpreting, sizes
+from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, general_mask_view, input_reason,
+                             inverse_or_zero, launch, next_pow2, online_softmax, split_head)
 #: largest k the kernel selects in registers (a row holds the running top-KP and a tile of BN >= KP)
 MAX_K = 512
 HAS_TL_TOPK = hasattr(tl, "topk")
@@ -112,9 +113,7 @@ def _topk_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
+    b, h, hk = split_head(bh, H, G)
     rm = pid_m * BM + tl.arange(0, BM)
     m_ok = rm < NQ
     rd = tl.arange(0, DP)
@@ -154,19 +153,12 @@ def _topk_kernel(
                               DP, MASK_KIND, CAUSAL, DOT, BN)
         # NaN scores always count (they make the row NaN, like torch.topk ranking NaN first)
         s = tl.where((s >= thr[:, None]) | (s != s), s, NEG_INF)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, 1)
+        m, alpha, p, lsum = online_softmax(m, lsum, s)
         vt = tl.load(v_base + rn[:, None] * svn + rdv[None, :] * svd, mask=n_ok[:, None] & (rdv < DV)[None, :],
                      other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT)
-        m = m_new
     # lsum = 0: no finite score (output 0); a NaN lsum (NaN / +inf scores) stays NaN
-    dead = lsum == 0.0
-    inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
-    out = acc * inv[:, None]
+    out = acc * inverse_or_zero(lsum)[:, None]
     tl.store(OUT + b * sob + h * soh + rm[:, None] * son + rdv[None, :] * sod, out.to(OUT.dtype.element_ty),
              mask=m_ok[:, None] & (rdv < DV)[None, :])
 
@@ -189,9 +181,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None):
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
-    B, H, NQ, D = q.shape
-    Hk, NK, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = H // Hk
+    B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     ksel = min(int(params.k), NK)
     select = ksel < NK
     KP = next_pow2(ksel, 2)
