@@ -138,6 +138,12 @@ def case_id(case) -> str:
 # ------------------------------------------------------------------------------------------------
 # kernel outputs
 # ------------------------------------------------------------------------------------------------
+def torch_path_f64(name: str, q, k, v, mask, scale, causal, params):
+    """Method ``name``'s plain-torch path on the float64 upcast of the inputs (the kernels' reference:
+    a reference that rounds its scores to fp16 could keep another key on a near-tie)."""
+    return REGISTRY[name].forward(q.double(), k.double(), v.double(), mask, scale, causal, params)
+
+
 def poisoned(B, H, n, Dv, dtype):
     """An output buffer full of NaN: a row the kernel forgets to write shows."""
     return torch.full((B, H, n, Dv), float("nan"), dtype=dtype)

@@ -2,19 +2,12 @@
 import pytest
 import torch
 
-from structattn.methods import get_method
 from structattn.methods.exact.naive import dense_attention
 from structattn.methods.monarch import MonarchParams
 from structattn.methods.monarch import naive
 from structattn.methods.monarch import triton as K
 
-from testlib import TOL, check_close, make_qkv, poisoned, rel_err
-
-REF = get_method("monarch")
-
-
-def _ref(q, k, v, mask, scale, p):
-    return REF.forward(q.double(), k.double(), v.double(), mask, scale, False, p)
+from testlib import TOL, check_close, make_qkv, poisoned, rel_err, torch_path_f64
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ def test_matches_reference(nq, nk, H, Hk, steps, mask, dtype, poison):
         mask = torch.randn(1, H, 1, nk)
     p = MonarchParams(block_size=None, num_steps=steps)
     out = K.forward(q, k, v, mask, 0.3, False, p, out=poisoned(1, H, nq, 32, dtype))
-    check_close(out, _ref(q, k, v, mask, 0.3, p), dtype)
+    check_close(out, torch_path_f64("monarch", q, k, v, mask, 0.3, False, p), dtype)
 
 
 def test_hf_transposed_views_and_oracle(poison):
@@ -62,7 +55,7 @@ def test_fully_masked_block_and_row(poison):
     out = K.forward(q, k, v, mask, 0.25, False, p)
     assert not torch.isnan(out).any()
     assert out[1].abs().max() == 0
-    check_close(out[:1], _ref(q, k, v, mask, 0.25, p)[:1], torch.float32)
+    check_close(out[:1], torch_path_f64("monarch", q, k, v, mask, 0.25, False, p)[:1], torch.float32)
 
 
 @pytest.mark.parametrize("block_size", [1, 50])

@@ -2,18 +2,11 @@
 import pytest
 import torch
 
-from structattn.methods import get_method
 from structattn.methods.exact.naive import dense_attention
 from structattn.methods.mra import MraParams
 from structattn.methods.mra import triton as K
 
-from testlib import TOL, check_close, make_qkv, poisoned, rel_err
-
-REF = get_method("mra")
-
-
-def _ref(q, k, v, mask, scale, causal, p):
-    return REF.forward(q.double(), k.double(), v.double(), mask, scale, causal, p)
+from testlib import TOL, check_close, make_qkv, poisoned, rel_err, torch_path_f64
 
 
 @pytest.mark.parametrize(
@@ -34,7 +27,7 @@ def test_matches_reference(nq, nk, b, r, variant, causal, mask, dtype, sink):
         mask = torch.randn(1, 4, 1, nk)
     p = MraParams(block_size=b, blocks_per_row=r, variant=variant, sink_blocks=sink)
     out = K.forward(q, k, v, mask, 0.3, causal, p, out=poisoned(1, 4, nq, 32, dtype))
-    check_close(out, _ref(q, k, v, mask, 0.3, causal, p), dtype)
+    check_close(out, torch_path_f64("mra", q, k, v, mask, 0.3, causal, p), dtype)
 
 
 def test_all_blocks_selected_is_exact_with_causal_and_bias():
@@ -53,4 +46,4 @@ def test_fully_masked_rows_give_zero():
     p = MraParams(block_size=16, blocks_per_row=1)
     out = K.forward(q, k, v, mask, 0.3, False, p)
     assert not torch.isnan(out).any() and out[1].abs().max() == 0
-    check_close(out[:1], _ref(q, k, v, mask, 0.3, False, p)[:1], torch.float32)
+    check_close(out[:1], torch_path_f64("mra", q, k, v, mask, 0.3, False, p)[:1], torch.float32)

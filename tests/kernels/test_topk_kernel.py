@@ -6,18 +6,11 @@ reference rounding its scores to fp16 could pick a different k-th key on a near-
 import pytest
 import torch
 
-from structattn.methods import get_method
 from structattn.methods.topk import TopkParams
 from structattn.methods.topk import naive
 from structattn.methods.topk import triton as K
 
-from testlib import check_rows, make_qkv, poisoned, rel_err
-
-REF = get_method("topk")
-
-
-def _ref(q, k, v, mask, scale, causal, p):
-    return REF.forward(q.double(), k.double(), v.double(), mask, scale, causal, p)
+from testlib import check_rows, make_qkv, poisoned, rel_err, torch_path_f64
 
 
 @pytest.mark.parametrize(
@@ -37,7 +30,7 @@ def test_matches_reference(nq, nk, kk, causal, mask, dtype):
         mask = torch.randn(1, 4, 1, nk)
     p = TopkParams(k=kk)
     out = K.forward(q, k, v, mask, 0.3, causal, p, out=poisoned(1, 4, nq, 32, dtype))
-    check_rows(out, _ref(q, k, v, mask, 0.3, causal, p), dtype)
+    check_rows(out, torch_path_f64("topk", q, k, v, mask, 0.3, causal, p), dtype)
 
 
 def test_transposed_views_and_dead_rows():
@@ -48,4 +41,5 @@ def test_transposed_views_and_dead_rows():
     out = K.forward(q, k, v, mask, 0.25, False, p)
     assert out[:, :, 3].abs().max() == 0
     check_rows(out, naive.forward(q, k, v, mask, 0.25, False, p), torch.float32)
-    assert rel_err(_ref(q, k, v, mask, 0.25, False, p), naive.forward(q, k, v, mask, 0.25, False, p)) < 1e-12
+    ref = naive.forward(q, k, v, mask, 0.25, False, p)
+    assert rel_err(torch_path_f64("topk", q, k, v, mask, 0.25, False, p), ref) < 1e-12

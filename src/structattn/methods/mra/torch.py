@@ -202,7 +202,7 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     sel = mra_select(q, k, attn_mask, scale, is_causal, params)
     b = sel.block
     mq, mk = ceil_div(Nq, b), ceil_div(Nk, b)
-    nqp, nkp = mq * b, mk * b
+    nqp = mq * b
     r = sel.block_idx.shape[-1]
     BH = B * Hk
 
@@ -227,38 +227,8 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     idx = sel.block_idx if not unused else torch.where(sel.block_valid, sel.block_idx, mk)
     idx = idx.reshape(BH, G, mq, r)
 
-    # per-slot key bias [BH, G, Mq, 1, r*b]: the mask's bias of the gathered keys, added as is
-    # (small: N*r per head)
-    slot_bias = None
-    if sel.key_bias is not None:
-        kb = _per_head(sel.key_bias, H).expand(B, H, nkp).reshape(B, H, mk, b)
-        bb = torch.arange(B, device=dev).view(B, 1, 1, 1)
-        hh = torch.arange(H, device=dev).view(1, H, 1, 1)
-        slot_bias = kb[bb, hh, sel.block_idx].reshape(BH, G, mq, 1, r * b)
-    # slots that hold no key (block padding past Nk, unused slots) are hard-masked by masked_fill:
-    # adding -inf to their zero keys would give NaN for a query holding +-inf (0 * inf)
-    slot_void = None
-    if unused or nkp > Nk:
-        void = (sel.block_idx == mk - 1).unsqueeze(-1) & (torch.arange(b, device=dev) >= Nk - (mk - 1) * b)
-        if unused:
-            void = void | ~sel.block_valid.unsqueeze(-1)
-        slot_void = void.reshape(BH, G, mq, 1, r * b)
-    diag = None
-    if is_causal:
-        # the diagonal block is always slot 0 when selected: mask keys after the query there
-        iq = torch.arange(mq, device=dev)
-        on_diag = (sel.block_idx[..., 0] == iq) & sel.block_valid[..., 0]    # [B, H, Mq]
-        upper = torch.ones(b, b, dtype=torch.bool, device=dev).triu(1)
-        diag = (on_diag.reshape(BH, G, mq, 1, 1) & upper)                   # [BH, G, Mq, b, b]
-
-
-    # work is independent per (kv head, query block): chunks of about CHUNK_ELEMS elements in the
-    # largest temporary (the gathered keys) keep every temporary small and allocator-friendly
-    per_qblock = G * r * b * max(b, D, Dv)
-    heads_per = max(1, CHUNK_ELEMS // max(1, per_qblock * mq))
-    qblocks_per = mq if heads_per > 1 else max(1, min(mq, CHUNK_ELEMS // max(1, per_qblock)))
-    chunks = [(a0, min(a0 + heads_per, BH), i0, min(i0 + qblocks_per, mq))
-              for a0 in range(0, BH, heads_per) for i0 in range(0, mq, qblocks_per)]
+    slot_bias, slot_void, diag = _slot_masks(sel, B, H, Nk, G, unused, is_causal)
+    chunks = _chunks(BH, mq, G * r * b * max(b, D, Dv))
     z = None
     qs = kf = vf = None
     for a0, a1, i0, i1 in chunks:
@@ -292,3 +262,42 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     if nqp > Nq:
         out = out[:, :, :Nq]
     return out.to(q.dtype)
+
+
+def _slot_masks(sel: MraSelection, B: int, H: int, Nk: int, G: int, unused: bool, is_causal: bool) -> tuple:
+    """What the gathered slots of every query block add to its scores, each None when not needed:
+    ``slot_bias`` [BH, G, Mq, 1, r*b], the mask's bias of the gathered keys (added as is);
+    ``slot_void`` [BH, G, Mq, 1, r*b], slots that hold no key (block padding past Nk, unused
+    slots: hard-masked by masked_fill, since adding -inf to their zero keys would give NaN for a
+    query holding +-inf); ``diag`` [BH, G, Mq, b, b], the keys after each query in the causal
+    diagonal block (always slot 0 when selected)."""
+    b, dev = sel.block, sel.block_idx.device
+    mq, r = sel.block_idx.shape[2], sel.block_idx.shape[3]
+    mk = ceil_div(Nk, b)
+    BH = B * H // G
+    slot_bias = slot_void = diag = None
+    if sel.key_bias is not None:
+        kb = _per_head(sel.key_bias, H).expand(B, H, mk * b).reshape(B, H, mk, b)
+        bb = torch.arange(B, device=dev).view(B, 1, 1, 1)
+        hh = torch.arange(H, device=dev).view(1, H, 1, 1)
+        slot_bias = kb[bb, hh, sel.block_idx].reshape(BH, G, mq, 1, r * b)
+    if unused or mk * b > Nk:
+        void = (sel.block_idx == mk - 1).unsqueeze(-1) & (torch.arange(b, device=dev) >= Nk - (mk - 1) * b)
+        if unused:
+            void = void | ~sel.block_valid.unsqueeze(-1)
+        slot_void = void.reshape(BH, G, mq, 1, r * b)
+    if is_causal:
+        on_diag = (sel.block_idx[..., 0] == torch.arange(mq, device=dev)) & sel.block_valid[..., 0]  # [B, H, Mq]
+        upper = torch.ones(b, b, dtype=torch.bool, device=dev).triu(1)
+        diag = on_diag.reshape(BH, G, mq, 1, 1) & upper
+    return slot_bias, slot_void, diag
+
+
+def _chunks(BH: int, mq: int, per_qblock: int) -> list[tuple[int, int, int, int]]:
+    """``(head0, head1, qblock0, qblock1)`` ranges: work is independent per (kv head, query block),
+    and chunks of about CHUNK_ELEMS elements in the largest temporary (``per_qblock`` elements per
+    query block: the gathered keys) keep every temporary small and allocator-friendly."""
+    heads_per = max(1, CHUNK_ELEMS // max(1, per_qblock * mq))
+    qblocks_per = mq if heads_per > 1 else max(1, min(mq, CHUNK_ELEMS // max(1, per_qblock)))
+    return [(a0, min(a0 + heads_per, BH), i0, min(i0 + qblocks_per, mq))
+            for a0 in range(0, BH, heads_per) for i0 in range(0, mq, qblocks_per)]
