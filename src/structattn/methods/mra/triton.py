@@ -64,6 +64,20 @@ SINK_RANK = tl.constexpr(_SINK_RANK)
 # 1. pooling and block selection
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _block_keys(bias_row, sbn, j, c0, BS, NK, BB: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Keys ``c0 .. c0+BB`` of key block ``j``: their index, whether they exist, and their bias
+    (-inf where they do not; 0 without a mask). ``bias_row`` points at the (batch, head)'s biases."""
+    rc = c0 + tl.arange(0, BB)
+    n = j * BS + rc
+    ok = (rc < BS) & (n < NK)
+    if HAS_BIAS:
+        bias = tl.load(bias_row + n * sbn, mask=ok, other=NEG_INF)
+    else:
+        bias = tl.where(ok, 0.0, NEG_INF)
+    return n, ok, bias
+
+
+@triton.jit
 def _pool_qk_kernel(
     Q, K, BIAS, QHAT, KHAT, COUNT, LSE,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, sbb, sbh, sbn,
@@ -88,14 +102,12 @@ def _pool_qk_kernel(
         tl.store(QHAT + (bh * MQ + j) * D + rd, acc / cnt, mask=dmask)
     if j < MK:
         # pass 1: the block's largest bias (the softmax shift; -inf -> 0 so exp gives 0, not NaN)
+        bias_row = BIAS + b * sbb + h * sbh
         mb = 0.0
         if HAS_BIAS:
             mv = tl.full([BB], NEG_INF, tl.float32)
             for c0 in range(0, BS, BB):
-                rc = c0 + tl.arange(0, BB)
-                n = j * BS + rc
-                ok = (rc < BS) & (n < NK)
-                bias = tl.load(BIAS + b * sbb + h * sbh + n * sbn, mask=ok, other=NEG_INF)
+                n, ok, bias = _block_keys(bias_row, sbn, j, c0, BS, NK, BB, HAS_BIAS)
                 mv = tl.maximum(mv, bias)
             mb = tl.max(mv, 0)
             mb = tl.where(mb == NEG_INF, 0.0, mb)
@@ -104,16 +116,9 @@ def _pool_qk_kernel(
         wsum = tl.zeros([BB], tl.float32)
         nsum = tl.zeros([BB], tl.float32)
         for c0 in range(0, BS, BB):
-            rc = c0 + tl.arange(0, BB)
-            n = j * BS + rc
-            ok = (rc < BS) & (n < NK)
-            if HAS_BIAS:
-                bias = tl.load(BIAS + b * sbb + h * sbh + n * sbn, mask=ok, other=NEG_INF)
-                w = tl.where(ok, tl.exp(bias - mb), 0.0)
-                nsum += tl.where(ok & (bias != NEG_INF), 1.0, 0.0)
-            else:
-                w = tl.where(ok, 1.0, 0.0)
-                nsum += w
+            n, ok, bias = _block_keys(bias_row, sbn, j, c0, BS, NK, BB, HAS_BIAS)
+            w = tl.where(ok, tl.exp(bias - mb), 0.0)
+            nsum += tl.where(bias != NEG_INF, 1.0, 0.0)
             x = tl.load(K + b * skb + hk * skh + n[:, None] * skn + rd[None, :] * skd,
                         mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(x * w[:, None], 0)
@@ -244,18 +249,13 @@ def _pool_v_kernel(
     rdv = tl.arange(0, DVP)
     acc = tl.zeros([DVP], tl.float32)
     cnt = tl.zeros([BB], tl.float32)
+    lse_safe = 0.0
     if HAS_BIAS:
         lse = tl.load(LSE + bh * MK + j)
         lse_safe = tl.where(lse == NEG_INF, 0.0, lse)  # such a block has weights 0 (bias -inf)
     for c0 in range(0, BS, BB):
-        rc = c0 + tl.arange(0, BB)
-        n = j * BS + rc
-        ok = (rc < BS) & (n < NK)
-        if HAS_BIAS:
-            bias = tl.load(BIAS + b * sbb + h * sbh + n * sbn, mask=ok, other=NEG_INF)
-            w = tl.where(ok, tl.exp(bias - lse_safe), 0.0)
-        else:
-            w = tl.where(ok, 1.0, 0.0)
+        n, ok, bias = _block_keys(BIAS + b * sbb + h * sbh, sbn, j, c0, BS, NK, BB, HAS_BIAS)
+        w = tl.where(ok, tl.exp(bias - lse_safe), 0.0)
         vt = tl.load(V + b * svb + hk * svh + n[:, None] * svn + rdv[None, :] * svd,
                      mask=ok[:, None] & (rdv < DV)[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(vt * w[:, None], 0)
