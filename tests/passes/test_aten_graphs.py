@@ -12,8 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from structattn.config import Config
 from structattn.passes import find_sites, rewrite_attention
-from support import rel_err
-from test_spellings import B, D, H, N, padding, qkv
+from testlib import B, D, H, N, padding, qkv, rel_err
 
 
 class Attn(nn.Module):

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import structattn
-from support import rel_err
-from test_spellings import B, D, H, N, Fn, qkv
+from testlib import B, D, H, N, Fn, qkv, rel_err
 
 FMIN = torch.finfo(torch.float32).min
 EXACT_LIMITS = [("exact", {}), ("topk", {"k": N}), ("mra", {"block_size": 4, "blocks_per_row": 8})]

@@ -14,45 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from support import explain_doubled, rel_err
-
-B, H, N, D = 2, 3, 10, 8
-
-
-def qkv(n_q=N, n_k=N, heads=H, kv_heads=H, d=D, dv=D, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1234)
-    return (torch.randn(B, heads, n_q, d, generator=g, dtype=dtype),
-            torch.randn(B, kv_heads, n_k, d, generator=g, dtype=dtype),
-            torch.randn(B, kv_heads, n_k, dv, generator=g, dtype=dtype))
-
-
-def padding(n=N):
-    keep = torch.ones(B, n, dtype=torch.bool)
-    keep[1, n - 3:] = False
-    return keep
-
-
-class Fn(nn.Module):
-    """Wraps a function so each spelling is a module with an FQN."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
-def check(fn, *args, sites=1):
-    module = Fn(fn)
-    with torch.no_grad():
-        ref = module(*args)
-    report = explain_doubled(module, *args)
-    assert sum(s.rewritten for s in report.sites) == sites, str(report)
-    assert all(s.method == "doubled" for s in report.sites if s.rewritten), str(report)
-    assert rel_err(report.output, 2 * ref) < 1e-5
-    return report
-
+from testlib import B, D, H, N, Fn, check_doubled as check, explain_doubled, padding, qkv, rel_err
 
 SPELLINGS = {
     "matmul_transpose_mul": lambda q, k, v: torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * D**-0.5, dim=-1), v),

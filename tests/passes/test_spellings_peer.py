@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_spellings import B, D, H, N, check, padding, qkv
+from testlib import B, D, H, N, check_doubled as check, padding, qkv
 
 FMIN = torch.finfo(torch.float32).min
 

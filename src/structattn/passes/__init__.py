@@ -65,11 +65,8 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     resolved = config.resolve(m.layer)
     shape = _site_shape(m)
     site = Site(
-        layer=m.layer, form=m.form, method="exact", params={}, rewritten=False, reason=m.reason,
-        q_len=shape.q_len if shape else None, kv_len=shape.kv_len if shape else None,
-        head_dim=shape.head_dim if shape else None, num_heads=shape.num_heads if shape else None,
-        num_kv_heads=shape.num_kv_heads if shape else None, v_head_dim=shape.v_head_dim if shape else None,
-        batch=shape.batch if shape else None, requested=resolved.method, scale=m.scale if m.reason is None else None,
+        layer=m.layer, form=m.form, method="exact", params={}, rewritten=False, reason=m.reason, shape=shape,
+        requested=resolved.method, scale=m.scale if m.reason is None else None,
         node=m.anchor.name, graph=graph_index, size_hints=_size_hints(m),
     )
     if shape is not None and shape.head_dim is not None:
@@ -82,7 +79,7 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     kind = plan.kind
     if resolved.causal and kind == "general":
         kind = "causal"
-    shape = _with_mask(shape, kind)
+    shape = site.shape = _with_mask(shape, kind)
     site.mask = kind + (" (declared)" if resolved.causal and plan.kind == "general" else "")
 
     method, params = get_method(resolved.method), resolved.params

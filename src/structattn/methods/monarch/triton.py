@@ -1,11 +1,11 @@
 """MonarchAttention forward in Triton: tiled R-steps and L-steps, any N, T steps.
 
-Notation (METHODS/DESIGN): block size b, M = ceil(N/b) blocks, padded length N' = M*b, token
-n = m*b + j (block m, position j). R_k is a b x b matrix per block k, L_j an M x M matrix per
-position j. Block sizes follow the reference (``methods.monarch.monarch_blocks``): keys in M
-blocks of bk = min(block_size or ceil(sqrt(Nk)), Nk); queries in the same M blocks of bq = bk for
-self attention and ceil(Nq / M) for cross attention (R_k is then bq x bk). Below, b means bq for
-query-side indices and bk for key-side ones.
+Notation (docs/methods/monarch.md): block size b, M = ceil(N/b) blocks, padded length N' = M*b,
+token n = m*b + j (block m, position j). R_k is a b x b matrix per block k, L_j an M x M matrix
+per position j. Block sizes are ``monarch_blocks``'s: keys in M blocks of bk = min(block_size or
+ceil(sqrt(Nk)), Nk); queries in the same M blocks of bq = bk for self attention and ceil(Nq / M)
+for cross attention (R_k is then bq x bk). Below, b means bq for query-side indices and bk for
+key-side ones.
 
 The work splits into three kernels; everything is computed in tiles, so nothing of size b^2 or M^2
 per row lives in registers and N = 64K (b = M = 256) compiles like N = 256:
@@ -32,24 +32,19 @@ FlashAttention's P) and in fp32 for fp32 inputs, where every tl.dot runs in IEEE
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (configs, device_reason, dtype_reason, empty_output, head_dim_reason, key_bias_view, launch,
-                      next_pow2)
-
-NEG_INF = tl.constexpr(float("-inf"))
-
-
-def _cfgs(warps_stages):
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in warps_stages]
+from ..common import sizes
+from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, input_reason, inverse_or_zero,
+                             key_bias_view, launch, log_sum, next_pow2, online_softmax, split_head)
+from . import monarch_blocks
 
 
-@triton.autotune(configs=configs(_cfgs([(4, 2), (8, 2)])), key=["BQ", "BK", "DP", "DVP", "WRITE_Y", "BM", "BN"])
+@triton.autotune(configs=configs([(4, 2), (8, 2)]), key=["BQ", "BK", "DP", "DVP", "WRITE_Y", "BM", "BN"])
 @triton.jit
 def _r_kernel(
     QR, K, V, BIAS, A, Y, E,
@@ -59,14 +54,12 @@ def _r_kernel(
     sbb, sbh, sbn,
     H, G, NK, QROWS, NP, BQ, BK, D, DV, scale,
     DP: tl.constexpr, DVP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SINGLE: tl.constexpr,
+    DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
     kb = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // G
+    b, h, hk = split_head(bh, H, G)
     rj = pid_j * BM + tl.arange(0, BM)
     n_q = kb * BQ + rj
     row_ok = rj < BQ
@@ -89,10 +82,7 @@ def _r_kernel(
         n_k = kb * BK + ri
         k_ok = (ri < BK) & (n_k < NK)
         kt = tl.load(k_base + n_k[:, None] * skn + rd[None, :] * skd, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            raw = tl.dot(qr, tl.trans(kt), input_precision="ieee") * scale
-        else:
-            raw = tl.dot(qr, tl.trans(kt)) * scale
+        raw = tl.dot(qr, tl.trans(kt), input_precision=DOT) * scale
         x = raw
         if HAS_BIAS:
             bias = tl.load(BIAS + b * sbb + h * sbh + n_k * sbn, mask=k_ok, other=NEG_INF)
@@ -107,31 +97,19 @@ def _r_kernel(
             if HAS_BIAS:
                 t = t + tl.sum(tl.where(k_ok[None, :] & (rj >= 0)[:, None], bias[None, :], 0.0), 1)
         else:
-            m_new = tl.maximum(m, tl.max(x, 1))
-            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(x - m_safe[:, None])
-            lsum = lsum * alpha + tl.sum(p, 1)
+            m, alpha, p, lsum = online_softmax(m, lsum, x)
             t = t * alpha + tl.sum(p * raw, 1)
-            m = m_new
         pc = p.to(kt.dtype)
-        if IEEE:
-            acc_a = acc_a * alpha[:, None] + tl.dot(pc, kt, input_precision="ieee")
-        else:
-            acc_a = acc_a * alpha[:, None] + tl.dot(pc, kt)
+        acc_a = acc_a * alpha[:, None] + tl.dot(pc, kt, input_precision=DOT)
         if WRITE_Y:
             vt = tl.load(v_base + n_k[:, None] * svn + rdv[None, :] * svd, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
-            if IEEE:
-                acc_y = acc_y * alpha[:, None] + tl.dot(pc, vt, input_precision="ieee")
-            else:
-                acc_y = acc_y * alpha[:, None] + tl.dot(pc, vt)
+            acc_y = acc_y * alpha[:, None] + tl.dot(pc, vt, input_precision=DOT)
     # lsum = 0: no finite logit in the block (E = -inf: no weight in the L-step); NaN stays NaN
-    dead = lsum == 0.0
-    inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
+    inv = inverse_or_zero(lsum)
     if SINGLE:
         e = t  # the key's bias (0 without a mask)
     else:
-        e = tl.where(dead, NEG_INF, m + tl.log(tl.where(dead, 1.0, lsum)) - t * inv)
+        e = log_sum(m, lsum) - t * inv
     a = acc_a * (inv * scale)[:, None]
     tl.store(A + bh * NP * D + n_q[:, None] * D + rd[None, :], a.to(A.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -142,21 +120,20 @@ def _r_kernel(
                  mask=row_ok[:, None] & dv_ok[None, :])
 
 
-@triton.autotune(configs=configs(_cfgs([(4, 2), (8, 2)])), key=["M", "DP", "DVP", "MODE", "BL", "BK"])
+@triton.autotune(configs=configs([(4, 2), (8, 2)]), key=["M", "DP", "DVP", "MODE", "BL", "BK"])
 @triton.jit
 def _l_kernel(
     Q, A, E, Y, OUT, LSE,
     sqb, sqh, sqn, sqd,
     sob, soh, son, sod,
     H, NQ, NP, BQ, M, D, DV,
-    DP: tl.constexpr, DVP: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+    DP: tl.constexpr, DVP: tl.constexpr, MODE: tl.constexpr, DOT: tl.constexpr,
     BL: tl.constexpr, BK: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     j = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    b, h, _ = split_head(bh, H, 1)
     rl = pid_l * BL + tl.arange(0, BL)
     n_l = rl * BQ + j
     l_ok = (rl < M) & (n_l < NQ)
@@ -175,54 +152,41 @@ def _l_kernel(
         k_ok = rk < M
         a = tl.load(A + bh * NP * D + n_k[:, None] * D + rd[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         e = tl.load(E + bh * NP + n_k, mask=k_ok, other=NEG_INF)
-        if IEEE:
-            g = tl.dot(q, tl.trans(a), input_precision="ieee")
-        else:
-            g = tl.dot(q, tl.trans(a))
+        g = tl.dot(q, tl.trans(a), input_precision=DOT)
         g = g + e[None, :]
         if SINGLE:
             # one key block (M = 1): L = 1 whatever the logit
             p = tl.where(k_ok[None, :] & l_ok[:, None], 1.0, 0.0)
             alpha = tl.full([BL], 1.0, tl.float32)
             m_new = tl.zeros([BL], tl.float32)
+            lsum = lsum + tl.sum(p, 1)
         else:
-            m_new = tl.maximum(m, tl.max(g, 1))
-            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(g - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, 1)
+            m_new, alpha, p, lsum = online_softmax(m, lsum, g)
         if MODE == 0:
             y = tl.load(Y + bh * NP * DV + n_k[:, None] * DV + rdv[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(y.dtype), y, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(y.dtype), y)
+            acc = acc * alpha[:, None] + tl.dot(p.to(y.dtype), y, input_precision=DOT)
         m = m_new
     # lsum = 0: no finite logit (output 0, lse -inf); a NaN lsum stays NaN
-    dead = lsum == 0.0
     if MODE == 0:
-        inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
-        out = acc * inv[:, None]
+        out = acc * inverse_or_zero(lsum)[:, None]
         tl.store(OUT + b * sob + h * soh + n_l[:, None] * son + rdv[None, :] * sod, out.to(OUT.dtype.element_ty),
                  mask=l_ok[:, None] & dv_ok[None, :])
     else:
-        lse = tl.where(dead, NEG_INF, m + tl.log(tl.where(dead, 1.0, lsum)))
-        tl.store(LSE + bh * NP + n_l, lse, mask=l_ok)
+        tl.store(LSE + bh * NP + n_l, log_sum(m, lsum), mask=l_ok)
 
 
-@triton.autotune(configs=configs(_cfgs([(4, 2), (8, 2)])), key=["M", "DP", "BL", "BK"])
+@triton.autotune(configs=configs([(4, 2), (8, 2)]), key=["M", "DP", "BL", "BK"])
 @triton.jit
 def _lalpha_kernel(
     Q, A, E, LSE, QR,
     sqb, sqh, sqn, sqd,
     H, NQ, NP, BQ, M, D,
-    DP: tl.constexpr, IEEE: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, SINGLE: tl.constexpr,
+    DP: tl.constexpr, DOT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     j = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    b, h, _ = split_head(bh, H, 1)
     rk = pid_k * BK + tl.arange(0, BK)
     n_k = rk * BQ + j
     k_ok = rk < M
@@ -239,10 +203,7 @@ def _lalpha_kernel(
         q = tl.load(Q + b * sqb + h * sqh + n_l[:, None] * sqn + rd[None, :] * sqd,
                     mask=l_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(LSE + bh * NP + n_l, mask=l_ok, other=NEG_INF)
-        if IEEE:
-            g = tl.dot(a, tl.trans(q), input_precision="ieee")
-        else:
-            g = tl.dot(a, tl.trans(q))
+        g = tl.dot(a, tl.trans(q), input_precision=DOT)
         g = g + e[:, None]
         if SINGLE:
             p = tl.where(k_ok[:, None] & l_ok[None, :], 1.0, 0.0)  # one key block: L = 1
@@ -252,37 +213,20 @@ def _lalpha_kernel(
             lse_safe = tl.where(use, lse, 0.0)
             p = tl.where(use[None, :], tl.exp(g - lse_safe[None, :]), 0.0)
         c += tl.sum(p, 1)
-        if IEEE:
-            acc += tl.dot(p.to(q.dtype), q, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(q.dtype), q)
-    none = c == 0.0  # no valid query row weighs this block: alpha^R / c = 0
-    inv = tl.where(none, 0.0, 1.0 / tl.where(none, 1.0, c))
-    qr = acc * inv[:, None]
+        acc += tl.dot(p.to(q.dtype), q, input_precision=DOT)
+    qr = acc * inverse_or_zero(c)[:, None]  # c = 0: no valid query row weighs this block, alpha^R / c = 0
     tl.store(QR + bh * NP * D + n_k[:, None] * D + rd[None, :], qr.to(QR.dtype.element_ty),
              mask=k_ok[:, None] & d_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------
 
-def blocks(nq: int, nk: int, block_size: Optional[int]) -> tuple[int, int, int]:
-    """(M, bq, bk) exactly as the reference's ``monarch_blocks``: bk = min(block_size or
-    ceil(sqrt(Nk)), Nk), M = ceil(Nk / bk), bq = bk for self attention else ceil(Nq / M)."""
-    if block_size is not None:
-        bk = int(block_size)
-    else:
-        bk = math.isqrt(nk)
-        bk = bk if bk * bk >= nk else bk + 1
-    bk = max(1, min(bk, nk))
-    m = -(-nk // bk)
-    bq = bk if nq == nk else -(-nq // m)
-    return m, bq, bk
-
-
 def supports(q, k, v, attn_mask, is_causal, params) -> Optional[str]:
-    for reason in (device_reason(q), dtype_reason(q), head_dim_reason(q, v)):
-        if reason:
-            return reason
+    """Run-time check of the kernel on concrete inputs (reached through the kernel dispatch): why it
+    cannot take them, or None."""
+    reason = input_reason(q, v)
+    if reason:
+        return reason
     if is_causal:
         return "MonarchAttention has no causal form"
     if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1:
@@ -303,16 +247,14 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None):
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
-    B, H, NQ, D = q.shape
-    Hk, NK, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = H // Hk
+    B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     T = int(params.num_steps)
-    M, BQ, BK = blocks(NQ, NK, params.block_size)
+    M, BQ, BK = monarch_blocks(NQ, NK, params.block_size)
     NP = M * BQ  # padded query length: scratch rows (k, j) live at k*BQ + j
     BH = B * H
     dev = q.device
     sdt = q.dtype  # scratch dtype (fp32 stays fp32)
-    ieee = q.dtype == torch.float32
+    dot = dot_precision(q.dtype)
     DP, DVP = next_pow2(D), next_pow2(Dv)
 
     bias = key_bias_view(attn_mask, B, H, NK)
@@ -350,7 +292,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None):
             qr, k, v, bias_arg, A, Y, E,
             *qr_strides_, *sk, *sv, *sb,
             H, G, NK, qrows, NP, BQ, BK, D, Dv, float(scale),
-            DP=DP, DVP=DVP, HAS_BIAS=has_bias, WRITE_Y=write_y, IEEE=ieee, BM=BM, BN=BN, SINGLE=BK == 1,
+            DP=DP, DVP=DVP, HAS_BIAS=has_bias, WRITE_Y=write_y, DOT=dot, BM=BM, BN=BN, SINGLE=BK == 1,
         )
 
     grid_l = (triton.cdiv(M, BL), BQ, BH)
@@ -359,18 +301,18 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None):
         launch(
             _l_kernel, grid_l, tk + (1,),
             q, A, E, Y, out, LSE, *sq, *so, H, NQ, NP, BQ, M, D, Dv,
-            DP=DP, DVP=DVP, MODE=1, IEEE=ieee, BL=BL, BK=BKT, SINGLE=M == 1,
+            DP=DP, DVP=DVP, MODE=1, DOT=dot, BL=BL, BK=BKT, SINGLE=M == 1,
         )
         launch(
             _lalpha_kernel, (triton.cdiv(M, BKT), BQ, BH), tk,
             q, A, E, LSE, QR, *sq, H, NQ, NP, BQ, M, D,
-            DP=DP, IEEE=ieee, BL=BL, BK=BKT, SINGLE=M == 1,
+            DP=DP, DOT=dot, BL=BL, BK=BKT, SINGLE=M == 1,
         )
         r_step(QR, qr_strides, NP, step == T - 1)
     launch(
         _l_kernel, grid_l, tk + (0,),
         q, A, E, Y, out, E, *sq, *so, H, NQ, NP, BQ, M, D, Dv,
-        DP=DP, DVP=DVP, MODE=0, IEEE=ieee, BL=BL, BK=BKT, SINGLE=M == 1,
+        DP=DP, DVP=DVP, MODE=0, DOT=dot, BL=BL, BK=BKT, SINGLE=M == 1,
     )
     return out
 

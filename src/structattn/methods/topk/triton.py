@@ -33,10 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MASK_ADD, MASK_BOOL, MASK_NONE, configs, device_reason, dtype_reason, empty_output,
-                      general_mask_view, head_dim_reason, interpreting, launch, next_pow2)
-
-NEG_INF = tl.constexpr(float("-inf"))
+from ..common import interpreting, sizes
+from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, general_mask_view, input_reason,
+                             inverse_or_zero, launch, next_pow2, online_softmax, split_head)
 #: largest k the kernel selects in registers (a row holds the running top-KP and a tile of BN >= KP)
 MAX_K = 512
 HAS_TL_TOPK = hasattr(tl, "topk")
@@ -51,16 +50,13 @@ def selection_mode() -> int:
 
 @triton.jit
 def _scores(q, k_base, m_base, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale,
-            DP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+            DP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr,
             BN: tl.constexpr):
     rn = n0 + tl.arange(0, BN)
     rd = tl.arange(0, DP)
     n_ok = rn < NK
     kt = tl.load(k_base + rn[:, None] * skn + rd[None, :] * skd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0)
-    if IEEE:
-        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, tl.trans(kt)) * scale
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT) * scale
     ok = m_ok[:, None] & n_ok[None, :]
     if CAUSAL:
         ok = ok & (rn[None, :] <= rm[:, None])
@@ -100,7 +96,7 @@ def _top(x, KP: tl.constexpr, SEL: tl.constexpr):
         return tl.max(tl.where(hit, xi, NEG_INF), 1)
 
 
-@triton.autotune(configs=configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (8, 2)]]),
+@triton.autotune(configs=configs([(4, 2), (8, 2)]),
                  key=["NK", "DP", "DVP", "KP", "CAUSAL", "MASK_KIND", "SELECT", "BM", "BN"])
 @triton.jit
 def _topk_kernel(
@@ -112,14 +108,12 @@ def _topk_kernel(
     sob, soh, son, sod,
     H, G, NQ, NK, D, DV, KSEL, scale,
     DP: tl.constexpr, DVP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    SELECT: tl.constexpr, KP: tl.constexpr, SEL: tl.constexpr, IEEE: tl.constexpr,
+    SELECT: tl.constexpr, KP: tl.constexpr, SEL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
+    b, h, hk = split_head(bh, H, G)
     rm = pid_m * BM + tl.arange(0, BM)
     m_ok = rm < NQ
     rd = tl.arange(0, DP)
@@ -139,7 +133,7 @@ def _topk_kernel(
         cur = tl.full([BM, KP], NEG_INF, tl.float32)
         for n0 in range(0, hi, BN):
             s, rn, n_ok = _scores(q, k_base, m_base, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale,
-                                  DP, MASK_KIND, CAUSAL, IEEE, BN)
+                                  DP, MASK_KIND, CAUSAL, DOT, BN)
             # a tile changes the running top-KP only if some score beats the row's current KP-th
             if tl.max(tl.sum((s > tl.min(cur, 1)[:, None]).to(tl.int32), 1), 0) > 0:
                 if BN > KP:
@@ -156,33 +150,25 @@ def _topk_kernel(
     acc = tl.zeros([BM, DVP], tl.float32)
     for n0 in range(0, hi, BN):
         s, rn, n_ok = _scores(q, k_base, m_base, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale,
-                              DP, MASK_KIND, CAUSAL, IEEE, BN)
+                              DP, MASK_KIND, CAUSAL, DOT, BN)
         # NaN scores always count (they make the row NaN, like torch.topk ranking NaN first)
         s = tl.where((s >= thr[:, None]) | (s != s), s, NEG_INF)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, 1)
+        m, alpha, p, lsum = online_softmax(m, lsum, s)
         vt = tl.load(v_base + rn[:, None] * svn + rdv[None, :] * svd, mask=n_ok[:, None] & (rdv < DV)[None, :],
                      other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m = m_new
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT)
     # lsum = 0: no finite score (output 0); a NaN lsum (NaN / +inf scores) stays NaN
-    dead = lsum == 0.0
-    inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
-    out = acc * inv[:, None]
+    out = acc * inverse_or_zero(lsum)[:, None]
     tl.store(OUT + b * sob + h * soh + rm[:, None] * son + rdv[None, :] * sod, out.to(OUT.dtype.element_ty),
              mask=m_ok[:, None] & (rdv < DV)[None, :])
 
 
 def supports(q, k, v, attn_mask, is_causal, params) -> Optional[str]:
-    for reason in (device_reason(q), dtype_reason(q), head_dim_reason(q, v)):
-        if reason:
-            return reason
+    """Run-time check of the kernel on concrete inputs (reached through the kernel dispatch): why it
+    cannot take them, or None."""
+    reason = input_reason(q, v)
+    if reason:
+        return reason
     if params.k < 1:
         return "k must be >= 1"
     if min(params.k, k.shape[2]) > MAX_K:
@@ -195,9 +181,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None):
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
-    B, H, NQ, D = q.shape
-    Hk, NK, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = H // Hk
+    B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     ksel = min(int(params.k), NK)
     select = ksel < NK
     KP = next_pow2(ksel, 2)
@@ -221,6 +205,6 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None):
         *q.stride(), *k.stride(), *v.stride(), *sm, *out.stride(),
         H, G, NQ, NK, D, Dv, ksel, float(scale),
         DP=DP, DVP=DVP, MASK_KIND=kind, CAUSAL=bool(is_causal), SELECT=select, KP=KP,
-        SEL=selection_mode(), IEEE=q.dtype == torch.float32, BM=BM, BN=BN,
+        SEL=selection_mode(), DOT=dot_precision(q.dtype), BM=BM, BN=BN,
     )
     return out

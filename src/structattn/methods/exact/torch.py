@@ -1,30 +1,13 @@
-"""Exact softmax attention: the baseline every approximation is measured against."""
+"""Exact attention through PyTorch's SDPA, with the op contract's extras (GQA, a mask together
+with ``is_causal``, masks of fewer than 4 dims)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .base import Method
-from .masks import as_4d, as_additive, causal_keep
-
-
-@dataclass(frozen=True)
-class ExactParams:
-    """Exact attention has no parameters."""
-
-
-class ExactMethod(Method):
-    """``F.scaled_dot_product_attention`` with GQA and causal+mask combined."""
-
-    name = "exact"
-    Params = ExactParams
-    description = "exact softmax attention (SDPA)"
-
-    def forward(self, q, k, v, attn_mask, scale, is_causal, params):
-        return sdpa(q, k, v, attn_mask, scale, is_causal)
+from ..common import as_4d, as_additive, causal_keep
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -97,7 +80,7 @@ def _causal_key_padding(q, k, v, attn_mask, scale, gqa) -> Optional[torch.Tensor
         if not bool(((m == 0) | (m == float("-inf"))).all()):
             return None   # a finite bias: not a keep/drop mask
         m = m == 0
-    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))[..., 0, :]        # [B|1, H|1, K]
+    m = m[..., 0, :]                                                      # [B|1, H|1, K]
     if m.shape[1] != 1 and not bool((m == m[:, :1]).all()):
         return None   # padding that differs between heads
     keep = m[:, 0].expand(q.shape[0], nk)

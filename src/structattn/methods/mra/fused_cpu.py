@@ -1,6 +1,6 @@
 """The fast CPU path of MRA-2's high-resolution branch (inference).
 
-The reference (``mra.mra_forward``) scores the gathered key blocks with batched matmuls and an
+The reference (``torch.mra_forward``) scores the gathered key blocks with batched matmuls and an
 explicit softmax: several passes over ``[.., b, r*b]`` score tensors. Here every (query head,
 query block) gets its r selected key blocks gathered into one contiguous ``[r*b, D]`` slice and
 PyTorch's fused CPU flash-attention kernel (``aten._scaled_dot_product_flash_attention_for_cpu``,
@@ -14,7 +14,7 @@ which returns the row log-sum-exp) attends over them: scores never reach memory.
 Temporaries are cut into chunks of about ``_CHUNK_BYTES`` and gathered into reused buffers: large
 fresh allocations cost page faults on every call (measured: a 141 MB gather took 10x longer into
 a fresh tensor than into a reused one). The flash kernel has no gradient for its log-sum-exp, so
-this path serves calls without autograd; ``mra.mra_forward`` uses it only then (same results).
+this path serves calls without autograd; ``torch.mra_forward`` uses it only then (same results).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..common import MASKED, ceil_div
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 #: target size of the gathered keys (and values) of one chunk
@@ -65,7 +67,7 @@ def _merge(parts: list) -> torch.Tensor:
 
 def high_res_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, scale: float, is_causal: bool,
                  lowres: Optional[tuple], cdt: torch.dtype) -> torch.Tensor:
-    """MRA output [B, H, Nq, Dv] (in ``cdt``) from the selection ``sel`` (``mra.MraSelection``).
+    """MRA output [B, H, Nq, Dv] (in ``cdt``) from the selection ``sel`` (a ``MraSelection``).
 
     ``lowres`` is ``(o_lo [B, H, Mq, Dv], lse_lo [B, H, Mq])`` of the pooled branch, or None
     (variant mra2s). Key biases (``sel.key_bias``, padding -inf) are applied exactly; unused slots
@@ -74,7 +76,7 @@ def high_res_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, scale: 
     B, H, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     b = sel.block
-    mq, mk = -(-Nq // b), -(-Nk // b)
+    mq, mk = ceil_div(Nq, b), ceil_div(Nk, b)
 
     # the fused kernel needs one head size for q, k and v: zero columns change no dot product
     E = max(D, Dv)
@@ -198,11 +200,11 @@ def _attend(c: _Blocks, take, slots: torch.Tensor, valid: torch.Tensor, diag: bo
             if not all_valid:
                 unused = (~valid[lo:hi]).repeat_interleave(b, dim=-1).view(n, 1, 1, rr * b)
                 mask = torch.zeros(n, 1, 1, rr * b, dtype=cdt, device=dev) if mask is None else mask
-                mask = mask.masked_fill(unused, float("-inf"))
+                mask = mask.masked_fill(unused, MASKED)
             o, lse = _FLASH(qc, ks, vs, 0.0, False, attn_mask=mask, scale=c.scale)
             o, lse = o[:, 0], lse[:, 0]                                       # [n, b, Dv], [n, b]
             if mask is not None:
-                lse = torch.where(_alive(mask, False).view(n, 1), lse, float("-inf"))
+                lse = torch.where(_alive(mask, False).view(n, 1), lse, MASKED)
         parts = [(o, lse)] if rr else []
         if diag:
             rows = kv_base[lo:hi] + qblock[lo:hi]
@@ -214,12 +216,12 @@ def _attend(c: _Blocks, take, slots: torch.Tensor, valid: torch.Tensor, diag: bo
             od, ld = _FLASH(qc, kd, vd, 0.0, True, attn_mask=dmask, scale=c.scale)
             od, ld = od[:, 0], ld[:, 0]
             if dmask is not None:
-                ld = torch.where(_alive(dmask, True)[:, 0], ld, float("-inf"))
+                ld = torch.where(_alive(dmask, True)[:, 0], ld, MASKED)
             parts.append((od, ld))
         if lowres is not None:
             parts.append((lowres[0][lo:hi, None].expand(n, b, Dv), lowres[1][lo:hi, None].expand(n, b)))
         if not parts:
-            parts = [(qc.new_zeros(n, b, Dv), qc.new_full((n, b), float("-inf")))]
+            parts = [(qc.new_zeros(n, b, Dv), qc.new_full((n, b), MASKED))]
         dest[lo:hi] = _merge(parts)
     return dest
 
@@ -230,7 +232,7 @@ def _kv_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _alive(mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """Rows that see at least one key with a finite bias: [.., 1 or b] from a key-only mask."""
-    live = mask > float("-inf")                                               # [.., 1, K]
+    live = mask > MASKED                                               # [.., 1, K]
     if not causal:
         return live.any(-1)
     return live.cumsum(-1)[..., 0, :] > 0                                     # row t sees keys <= t
