@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import explain_doubled, rel_err
-from test_spellings import Fn
+from testlib import Fn, explain_doubled, rel_err
 
 B, N, H, D = 2, 6, 3, 8
 
