@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import Graph, Node
 
-from ..lowering.ops import op_args, op_for
+from ..lowering.ops import mod_args, op_args, op_for
 from ..lowering.routed import ROUTED_OP
 from ..methods import Method
 from .build import NodeBuilder
@@ -34,10 +34,10 @@ def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params:
     else:
         mask, is_causal = _mask(b, m, plan, rank), plan.causal
     if route_key is not None:
-        out = b.call(ROUTED_OP, q, k, v, mask, float(m.scale), bool(is_causal), route_key, dead_rows)
+        out = b.call(ROUTED_OP, q, k, v, mask, float(m.scale), bool(is_causal), route_key, dead_rows, *mod_args(None))
     else:
         out = b.call(op_for(method), q, k, v, mask, float(m.scale), bool(is_causal), int(min_seq_len), impl,
-                     dead_rows, *op_args(method, params))
+                     dead_rows, *mod_args(None), *op_args(method, params))
     out_val = example(m.output)
     if rank == 4 and out_val is not None and out_val.dim() == 3:
         out = b.call(torch.flatten, out, 0, 1)   # the P V product was taken in a [B*H, ..] view
