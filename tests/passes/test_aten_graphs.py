@@ -90,3 +90,59 @@ def test_decomposed_look_alike_is_still_declined():
     # softmax over the query axis, at the aten level
     gm = make_fx(lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), dim=-2) @ v)(*qkv())
     assert [m.reason is not None for m in find_sites(gm.graph)] == [True]
+
+
+def _make_fx(fn, args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_fx(fn)(*args)
+
+
+def test_make_fx_rank_two_in_place_scale_and_one_d_bias():
+    # aten.mm, aten.mul_ (from `s *= c`), and a [Nk] bias whose fake values come from two modes
+    def fn(q, k, v, b):
+        s = q @ k.transpose(-2, -1) * 1.0
+        s *= 0.3
+        return torch.softmax(s + b, -1) @ v
+
+    q, k, v = (t[0, 0] for t in qkv())
+    args = (q, k, v, torch.randn(N))
+    sites, ref, out = _rewrite(_make_fx(fn, args), args)
+    assert [s.rewritten for s in sites] == [True], sites
+    assert rel_err(out, 2 * ref) < 1e-5
+
+
+def test_export_mT_and_T():
+    args = qkv()
+    gm = _graphs(Fn4(lambda q, k, v: torch.softmax(q @ k.mT, -1) @ v), args)["export"]
+    sites, ref, out = _rewrite(gm, args)
+    assert [s.rewritten for s in sites] == [True] and rel_err(out, 2 * ref) < 1e-5
+    args2 = tuple(t[0, 0] for t in args)
+    gm = _graphs(Fn4(lambda q, k, v: torch.softmax(q @ k.T, -1) @ v), args2)["export"]
+    sites, ref, out = _rewrite(gm, args2)
+    assert [s.rewritten for s in sites] == [True] and rel_err(out, 2 * ref) < 1e-5
+
+
+def test_make_fx_heads_last_repeat_interleave():
+    # non-contiguous operands: aten's matmul is view(clone(expand(x))); repeat_interleave is
+    # unsqueeze / expand / clone / view
+    q, k, v = qkv(heads=4, kv_heads=2)
+    args = (q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+
+    def fn(q, k, v):
+        q, v = q.transpose(1, 2), v.transpose(1, 2).repeat_interleave(2, dim=1)
+        kt = k.permute(0, 2, 3, 1).repeat_interleave(2, dim=1)
+        return (torch.softmax(q @ kt * 0.3, -1) @ v).transpose(1, 2)
+
+    sites, ref, out = _rewrite(_make_fx(fn, args), args)
+    assert [s.rewritten for s in sites] == [True], sites
+    assert rel_err(out, 2 * ref) < 1e-5
+
+
+class Fn4(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v):
+        return self.fn(q, k, v)

@@ -76,7 +76,11 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.reason = f"not rewritten: {m.reason}"
         return site
 
-    plan = plan_mask(m.masks, m.is_causal)
+    plan = plan_mask(m.masks, m.is_causal, tuple(m.scores_shape[-2:]) if m.scores_shape else None)
+    if plan.reason is not None:
+        m.refuse(plan.reason)
+        site.reason, site.scale = f"not rewritten: {plan.reason}", None
+        return site
     kind = plan.kind
     if resolved.causal and kind == "general":
         kind = "causal"

@@ -34,6 +34,7 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "div": ("input", "other"),
     "add": ("input", "other", "alpha"),
     "sub": ("input", "other", "alpha"),
+    "rsub": ("input", "other", "alpha"),   # other - alpha * input (aten.rsub, Tensor.__rsub__)
     "masked_fill": ("input", "mask", "value"),
     "where": ("condition", "input", "other"),
     "transpose": ("input", "dim0", "dim1"),
@@ -100,7 +101,7 @@ _METHODS: dict[str, str] = {
     "matmul": "matmul", "bmm": "matmul", "__matmul__": "matmul", "baddbmm": "baddbmm",
     "softmax": "softmax",
     "mul": "mul", "__mul__": "mul", "__rmul__": "mul", "div": "div", "__truediv__": "div",
-    "add": "add", "__add__": "add", "__radd__": "add", "sub": "sub", "__sub__": "sub",
+    "add": "add", "__add__": "add", "__radd__": "add", "sub": "sub", "__sub__": "sub", "__rsub__": "rsub",
     "masked_fill": "masked_fill",
     "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
     "permute": "permute", "expand": "expand", "expand_as": "expand_as", "reshape": "reshape", "view": "reshape",
@@ -118,10 +119,10 @@ _METHODS: dict[str, str] = {
 
 # aten overload packets (every overload of the packet spells the same canonical op)
 _ATEN: dict[Any, str] = {
-    aten.matmul: "matmul", aten.bmm: "matmul", aten.baddbmm: "baddbmm",
+    aten.matmul: "matmul", aten.bmm: "matmul", aten.mm: "matmul", aten.baddbmm: "baddbmm",
     aten.softmax: "softmax", aten._softmax: "softmax_aten", aten._safe_softmax: "safe_softmax",
     aten.dropout: "dropout_t",
-    aten.mul: "mul", aten.div: "div", aten.add: "add", aten.sub: "sub",
+    aten.mul: "mul", aten.div: "div", aten.add: "add", aten.sub: "sub", aten.rsub: "rsub",
     aten.masked_fill: "masked_fill", aten.where: "where",
     aten.transpose: "transpose", aten.permute: "permute", aten.expand: "expand", aten.expand_as: "expand_as",
     aten.view: "reshape", aten.reshape: "reshape", aten._unsafe_view: "reshape",
@@ -183,8 +184,16 @@ def canonical(node: Any) -> Optional[Call]:
     if not isinstance(node, Node):
         return None
     if node.op == "call_function":
-        if node.target is builtins.getattr and len(node.args) == 2 and node.args[1] in ("mT", "T"):
+        if (node.target is builtins.getattr and len(node.args) == 2 and node.args[1] == "mT") \
+                or node.target is aten.mT.default:
             return Call("transpose", {"input": node.args[0], "dim0": -2, "dim1": -1}, node)
+        if (node.target is builtins.getattr and len(node.args) == 2 and node.args[1] == "T") \
+                or node.target is aten.numpy_T.default:
+            # x.T reverses ALL dims (the last two only at rank 2)
+            val = example(node.args[0])
+            if val is None:
+                return None
+            return Call("permute", {"input": node.args[0], "dims": tuple(reversed(range(val.dim())))}, node)
         if node.target is builtins.getattr and len(node.args) == 2 and node.args[1] in ("shape", "dtype", "device"):
             return Call("meta", {"input": node.args[0]}, node)
         if node.target in (torch.einsum, getattr(torch.functional, "einsum", None)) or node.target is aten.einsum.default:
@@ -229,12 +238,15 @@ def _einsum(node: Node) -> Optional[Call]:
 
 # -- aten's decomposition of a batched matmul ------------------------------------------------
 def _merged_source(node: Any) -> Optional[Node]:
-    """``x`` when ``node`` is ``view(expand(x))`` (or ``view(x)``) merging x's leading dims into one
+    """``x`` when ``node`` is ``view(expand(x))`` (or ``view(x)``, a clone in between) merging x's leading dims into one
     batch dim with the last two dims unchanged and no real broadcast; else None."""
     call = _simple(node, "reshape")
     if call is None:
         return None
     src = call.get("input")
+    copy = _simple(src, "contiguous")   # view(clone(expand(x))) when x is not contiguous
+    if copy is not None:
+        src = copy.get("input")
     inner = _simple(src, "expand")
     if inner is not None:
         a, b = example(inner.get("input")), example(src)
