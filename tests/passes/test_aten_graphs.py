@@ -146,3 +146,23 @@ class Fn4(nn.Module):
 
     def forward(self, q, k, v):
         return self.fn(q, k, v)
+
+
+@pytest.mark.parametrize("kind", ["causal", "mask_and_scale", "enable_gqa"])
+def test_make_fx_fused_sdpa_kernel(kind):
+    # make_fx / AOT graphs hold the kernel SDPA dispatches to (on CPU
+    # aten._scaled_dot_product_flash_attention_for_cpu, returning (output, logsumexp))
+    q, k, v = qkv(heads=4, kv_heads=2 if kind == "enable_gqa" else 4)
+    if kind == "causal":
+        fn, args = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), (q, k, v)
+    elif kind == "mask_and_scale":
+        fn, args = (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3)), \
+            (q, k, v, padding()[:, None, None, :])
+    else:
+        fn, args = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)), (q, k, v)
+    gm = _make_fx(fn, args)
+    assert any("_scaled_dot_product_flash_attention_for_cpu" in str(n.target) for n in gm.graph.nodes)
+    sites, ref, out = _rewrite(gm, args)
+    assert [s.rewritten for s in sites] == [True], sites
+    assert rel_err(out, 2 * ref) < 1e-5
+    assert not any("_scaled_dot_product" in str(n.target) for n in gm.graph.nodes)   # the kernel is gone

@@ -334,7 +334,7 @@ def test_sdpa_spellings_match_eager(d):
 
 
 @budget(60)
-@given(st.one_of(decomposed_draws(levels=("make_fx", "export")), sdpa_draws(levels=("export",))))
+@given(st.one_of(decomposed_draws(levels=("make_fx", "export")), sdpa_draws(levels=("make_fx", "export"))))
 def test_aten_level_spellings_match_eager(d):
     check_rewritten(d)
 

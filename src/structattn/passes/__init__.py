@@ -100,6 +100,12 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     rewrite_site(gm.graph, m, plan, method, params, config.min_seq_len, config.impl, resolved.causal,
                  route_key=site.route_key)
     erase_dead([m.output])
+    if m.form == "sdpa" and m.anchor is not m.output:
+        # a fused SDPA kernel: its unused logsumexp items, then the kernel (dropout_p is 0, so
+        # its "nondeterministic" tag does not keep it alive)
+        erase_dead([u for u in m.anchor.users if not u.users])
+        if not m.anchor.users and not getattr(m.anchor, "_erased", False):
+            gm.graph.erase_node(m.anchor)
     site.rewritten = True
     site.method = method.name
     site.params = {f.name: getattr(params, f.name) for f in method.param_fields()}

@@ -14,6 +14,7 @@ site space by the rewrite (``split_heads``).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -572,6 +573,14 @@ def _einsum_pv(m: Match, call: Call, p: Node) -> Optional[str]:
 # -- F.scaled_dot_product_attention ----------------------------------------------------------
 def _sdpa(call: Call) -> Match:
     m = Match("sdpa", call.node, output=call.node, layer=module_path(call.node))
+    if not isinstance(call.node.meta.get("val", call.node.meta.get("example_value")), torch.Tensor):
+        # a fused kernel returning (output, logsumexp, ..): the site's output is its item 0
+        outputs = [u for u in call.node.users if u.op == "call_function" and u.target is operator.getitem]
+        first = [u for u in outputs if u.args[1] == 0]
+        if len(first) != 1 or len(outputs) != len(call.node.users) or any(u.users for u in outputs if u.args[1] != 0):
+            return m.refuse("the fused SDPA kernel's other outputs (logsumexp, ..) are used (e.g. saved for the "
+                            "backward), so it cannot be replaced")
+        m.output = first[0]
     q, k, v = call.get("query"), call.get("key"), call.get("value")
     qv = example(q)
     if qv is not None and example(k) is not None:

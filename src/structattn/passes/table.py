@@ -40,6 +40,10 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "transpose": ("input", "dim0", "dim1"),
     "permute": ("input", "dims"),
     "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+    # the fused kernels SDPA dispatches to (make_fx / AOT graphs): they return (output, logsumexp, ..)
+    "sdpa_cpu": ("query", "key", "value", "dropout_p", "is_causal"),            # attn_mask, scale: kwargs
+    "sdpa_efficient": ("query", "key", "value", "attn_mask", "compute_log_sumexp", "dropout_p", "is_causal"),
+    "sdpa_flash": ("query", "key", "value", "dropout_p", "is_causal", "return_debug_mask"),
     "expand": ("input", "sizes"),
     "expand_as": ("input", "other"),
     "reshape": ("input", "shape"),
@@ -130,6 +134,9 @@ _ATEN: dict[Any, str] = {
     aten._to_copy: "cast", aten.to: "cast", aten.type_as: "cast",
     aten.clone: "contiguous", aten.contiguous: "contiguous", aten.alias: "contiguous",
     aten.scaled_dot_product_attention: "sdpa",
+    aten._scaled_dot_product_flash_attention_for_cpu: "sdpa_cpu",
+    aten._scaled_dot_product_efficient_attention: "sdpa_efficient",
+    aten._scaled_dot_product_flash_attention: "sdpa_flash",
     aten.logical_and: "and", aten.bitwise_and: "and", aten.__and__: "and",
     aten.le: "compare_le", aten.lt: "compare_lt", aten.ge: "compare_ge", aten.gt: "compare_gt",
     aten.eq: "compare_eq", aten.any: "any", aten.all: "all",
@@ -149,10 +156,12 @@ _VARARGS = {"permute": "dims", "expand": "sizes", "reshape": "shape", "new_ones"
 _KWARGS = {
     "matmul": {"input": "a", "self": "a", "other": "b", "mat2": "b"},
     "baddbmm": {"input": "bias", "self": "bias", "batch1": "a", "batch2": "b"},
+    "sdpa_efficient": {"attn_bias": "attn_mask"},
 }
 
 # canonical names that are the same op under two signatures
-_ALIASES = {"softmax_f": "softmax", "softmax_aten": "softmax", "dropout_t": "dropout"}
+_ALIASES = {"softmax_f": "softmax", "softmax_aten": "softmax", "dropout_t": "dropout",
+            "sdpa_cpu": "sdpa", "sdpa_efficient": "sdpa", "sdpa_flash": "sdpa"}
 
 @dataclass(frozen=True)
 class Call:
