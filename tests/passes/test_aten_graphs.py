@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from structattn.config import Config
 from structattn.passes import find_sites, rewrite_attention
 from support import rel_err
-from test_spellings import B, D, H, N, padding, qkv
+from test_spellings import B, D, H, N, Fn, padding, qkv
 
 
 class Attn(nn.Module):
@@ -114,11 +114,11 @@ def test_make_fx_rank_two_in_place_scale_and_one_d_bias():
 
 def test_export_mT_and_T():
     args = qkv()
-    gm = _graphs(Fn4(lambda q, k, v: torch.softmax(q @ k.mT, -1) @ v), args)["export"]
+    gm = _graphs(Fn(lambda q, k, v: torch.softmax(q @ k.mT, -1) @ v), args)["export"]
     sites, ref, out = _rewrite(gm, args)
     assert [s.rewritten for s in sites] == [True] and rel_err(out, 2 * ref) < 1e-5
     args2 = tuple(t[0, 0] for t in args)
-    gm = _graphs(Fn4(lambda q, k, v: torch.softmax(q @ k.T, -1) @ v), args2)["export"]
+    gm = _graphs(Fn(lambda q, k, v: torch.softmax(q @ k.T, -1) @ v), args2)["export"]
     sites, ref, out = _rewrite(gm, args2)
     assert [s.rewritten for s in sites] == [True] and rel_err(out, 2 * ref) < 1e-5
 
@@ -139,15 +139,6 @@ def test_make_fx_heads_last_repeat_interleave():
     assert rel_err(out, 2 * ref) < 1e-5
 
 
-class Fn4(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, q, k, v):
-        return self.fn(q, k, v)
-
-
 @pytest.mark.parametrize("kind", ["causal", "mask_and_scale", "enable_gqa"])
 def test_make_fx_fused_sdpa_kernel(kind):
     # make_fx / AOT graphs hold the kernel SDPA dispatches to (on CPU
@@ -166,3 +157,24 @@ def test_make_fx_fused_sdpa_kernel(kind):
     assert [s.rewritten for s in sites] == [True], sites
     assert rel_err(out, 2 * ref) < 1e-5
     assert not any("_scaled_dot_product" in str(n.target) for n in gm.graph.nodes)   # the kernel is gone
+
+
+@pytest.mark.parametrize("kind", ["export", "make_fx"])
+def test_bmm_on_merged_views_with_softmax_in_the_merged_view(kind):
+    # aten reads bmm(q.reshape(B*H, ..), kT.reshape(B*H, ..)).view(B, H, ..) as a 4-D matmul of
+    # q and kT, while the softmax runs in the [B*H, ..] view: the operands are merged back; the
+    # key was transposed (and scaled) in 4-D before its reshape (make_fx adds a clone there)
+    def fn(q, k, v, b):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        kt = k.transpose(-2, -1) * 0.5
+        s = torch.bmm(q.reshape(B * H, N, D), kt.reshape(B * H, D, N)).view(B, H, N, N) + b
+        p = torch.softmax(s.reshape(B * H, N, N), -1)
+        return torch.bmm(p, v.reshape(B * H, N, D)).view(B, H, N, D)
+
+    q, k, v = qkv()
+    args = (q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
+            torch.randn(B, 1, 1, N))
+    gm = _make_fx(fn, args) if kind == "make_fx" else _graphs(Fn(fn), args)["export"]
+    sites, ref, out = _rewrite(gm, args)
+    assert [s.rewritten for s in sites] == [True], sites
+    assert rel_err(out, 2 * ref) < 1e-5

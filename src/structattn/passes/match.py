@@ -30,7 +30,8 @@ from .table import Call, canonical, constant_number, example, reads_only_metadat
 @dataclass
 class Operand:
     """A q/k/v input to the op: ``node`` plus the views to apply first (in this order: ``permute``,
-    ``swap_last`` (transpose of the last two dims), ``split_heads`` (``unflatten(0, (-1, h))``).
+    ``swap_last`` (transpose of the last two dims), ``split_heads`` (``unflatten(0, (-1, h))``) or
+    ``merge_heads`` (``flatten(0, 1)``: a [B, H, ..] operand of a [B*H, ..] site).
     ``gqa_source`` is the un-repeated ``[B, Hk, N, D]`` tensor when a repeat_kv was undone;
     ``grouped`` means ``node`` itself is already un-repeated (the repeat sat before the transpose),
     with ``fallback`` the repeated operand to use if the other of k/v cannot be un-repeated."""
@@ -40,6 +41,7 @@ class Operand:
     permute: Optional[tuple] = None
     gqa_source: Optional[Node] = None
     split_heads: Optional[int] = None
+    merge_heads: bool = False
     grouped: bool = False
     fallback: Optional["Operand"] = None
 
@@ -76,6 +78,8 @@ class Match:
         shape = _operand_shape(op, val)
         if op.split_heads is not None:
             shape = (shape[0] // op.split_heads, op.split_heads) + tuple(shape[1:])
+        if op.merge_heads:
+            shape = (shape[0] * shape[1],) + tuple(shape[2:])
         return shape
 
     def refuse(self, reason: str) -> "Match":
@@ -378,7 +382,7 @@ def _key_transposed(node: Any, depth: int = 8) -> bool:
     if _untranspose(node) is not None or _grouped_key(node) is not None:
         return True
     call = canonical(node)
-    if call is not None and call.name == "reshape" and _is_lead_view(call):
+    if call is not None and (call.name == "contiguous" or (call.name == "reshape" and _is_lead_view(call))):
         return _key_transposed(call.get("input"), depth - 1)
     if call is not None and call.name in ("mul", "div"):
         pairs = [(call.get("input"), call.get("other"))]
@@ -630,6 +634,8 @@ def _check_shapes(m: Match) -> Match:
             return m.refuse(why)
         if op.split_heads is not None:
             shape = (shape[0] // op.split_heads if isinstance(shape[0], int) else shape[0], op.split_heads) + shape[1:]
+        if op.merge_heads:
+            shape = (shape[0] * shape[1],) + shape[2:]
         shapes[name] = shape
     q, k, v = (example(getattr(m, n).node) for n in ("q", "k", "v"))
     if not (q.dtype == k.dtype == v.dtype):
@@ -667,12 +673,17 @@ def _divides(small: Any, big: Any) -> bool:
 
 
 def _place_operand(op: Operand, shape: tuple, lead: tuple, name: str) -> Optional[str]:
-    """Check that operand ``shape`` lives in site space (or in its [B*H, ..] view: set split_heads)."""
+    """Check that operand ``shape`` lives in site space, or in its [B*H, ..] view (set split_heads),
+    or is the [B, H, ..] tensor of a [B*H, ..] site (set merge_heads: aten's decomposed matmul reads
+    ``bmm(q.reshape(B*H, ..), ..)`` of a 4-D q as a 4-D matmul, and the softmax may be in 3-D)."""
     olead = tuple(shape[:-2])
     if len(olead) == len(lead):
         return None
     if len(lead) == 2 and len(olead) == 1 and isinstance(lead[1], int) and _same(olead, (lead[0] * lead[1],)):
         op.split_heads = lead[1]
+        return None
+    if len(lead) == 1 and len(olead) == 2 and _same((olead[0] * olead[1],), lead):
+        op.merge_heads = True
         return None
     return f"{name} of shape {tuple(shape)} is not in the scores' [{', '.join(map(str, lead))}, ..] layout or its [B*H, ..] view"
 
@@ -714,7 +725,7 @@ def _operand_shape(op: Operand, val: torch.Tensor) -> tuple:
 
 def _find_gqa(m: Match) -> None:
     """Undo ``repeat_kv`` (expand + reshape, or repeat_interleave) on k and v, if both have it."""
-    if len(m.scores_shape) != 4 or m.q.split_heads is not None:
+    if len(m.scores_shape) != 4 or m.q.split_heads is not None or m.q.merge_heads:
         return
     found = []
     for op in (m.k, m.v):

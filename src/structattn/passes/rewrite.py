@@ -63,6 +63,8 @@ def _operand(b: NodeBuilder, op: Operand, rank: int) -> Node:
         node = b.call("permute", node, *op.permute, method=True)
     if op.swap_last:
         node = b.call(torch.transpose, node, -2, -1)
+    if op.merge_heads:
+        node = b.call(torch.flatten, node, 0, 1)
     return _to_site(b, node, rank, op.split_heads)
 
 
