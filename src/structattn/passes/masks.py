@@ -17,6 +17,15 @@ on every query row that keeps at least one key. A row whose keys are all masked 
 they differ: eager gives, e.g., the uniform average of v when the fill is ``finfo.min``. The
 ``dead_rows`` program (``MaskPlan.dead_rows``) lets the op recompute exactly those rows as eager
 would; it is empty when every fill is ``-inf`` (then the op follows SDPA: a dead row gives 0).
+Fills are what eager has at the softmax: times the constant scales after them, and -inf where
+eager overflows on the way (``finfo.min`` then ``* 2``, or two ``finfo.min`` added, then scaled).
+A causal claim needs its triangle or index comparison to span the scores' own [Q, K].
+
+The op has ONE mask, so not every order of terms is reproducible: a finite fill written before a
+bias is added (the bias would add -inf there), padding terms with different keys and fills, or
+fills scaled at run time. Then the mask goes to the op as eager's own additive terms when every
+term adds to the scores (every row is then eager's softmax), or the site is declined with the
+reason (``MaskPlan.reason``).
 """
 from __future__ import annotations
 
@@ -26,7 +35,6 @@ from typing import Any, Optional, Union
 import sympy
 import torch
 from torch.fx import Node
-
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .table import canonical, constant_number, example
@@ -181,46 +189,45 @@ def _faithful(plan: MaskPlan, steps: list[Step], ordered: list[MaskTerm], is_cau
         if all(_query_independent(t.node) for t in terms):
             return MaskPlan("key_padding", is_causal, terms, (), "")
         return MaskPlan("general", is_causal, (), terms, "")
-    fills = sorted({repr(s.fill) for s in steps if s.op in ("set", "add") and s.keypad and s.fill > float("-inf")})
+    fills = sorted({repr(s.fill) for s in steps if s.op in ("set", "add") and s.fill > float("-inf")})
     return replace(plan, reason=(
-        f"the mask writes the finite fill {', '.join(fills)} on masked entries (masked_fill / where) and also adds "
-        "a bias or another mask to the same entries; the op cannot reproduce what eager gives a query row whose "
-        "keys are all masked, so the site is left as it is (fill with -inf, or add the mask, to have it rewritten)"))
+        f"the mask writes the finite fill {', '.join(fills)} (masked_fill / where) and also adds a bias or another "
+        "mask, or scales it at run time; the op cannot reproduce what eager gives a query row whose keys are all "
+        "masked, so the site is left as it is (fill with -inf, or add the mask, to have it rewritten)"))
 
 
 def _program_exact(steps: list[Step]) -> bool:
     """Does the dead-row program, run against the op's ONE mask, compute eager's masked scores?
 
     The op's mask merges every masked-key term: its scope ``m`` is their union, and when any term
-    is additive it holds the biases plus -inf on the entries the other terms mask. So the program
-    is exact when every step that masks keys covers the same keys (or they all write one fill),
-    and, with a bias, no finite fill is written before the (last) bias is added -- the bias would
-    add -inf there, where eager adds a number -- and the first one after it overwrites (set)."""
-    finite = [s for s in steps if s.op in ("set", "add") and s.fill > float("-inf")]
-    if any(s.scaled for s in finite):
-        # fills later multiplied by a scale computed at run time: the program writes them without
-        # it, which is harmless only when every fill is the same value under the same run-time
-        # scales (masked entries then tie as in eager) and cannot overflow once scaled
-        if len({s.scaled for s in finite}) > 1 or len({s.fill for s in finite}) > 1 \
-                or any(abs(s.fill) >= 1e30 for s in finite):
-            return False
+    is additive it holds the biases (added once, where the first one is) plus -inf on the entries
+    the other terms mask. So the program is exact when
+    - fills scaled at run time are one value under the same scales (masked entries tie as in
+      eager) that cannot overflow once scaled;
+    - no finite ``set`` lies between two biases (the one bias item cannot be on both sides);
+    - every step that masks keys covers the same keys, or they all ``set`` one fill;
+    - with a bias, no finite fill masks keys before the last bias (the bias adds -inf there, where
+      eager adds a number), and the first masking step after it overwrites (``set``) or is -inf.
+    """
+    inf = float("-inf")
+    finite = [s for s in steps if s.op in ("set", "add") and s.fill > inf]
+    if any(s.scaled for s in finite) and (len({s.scaled for s in finite}) > 1 or len({s.fill for s in finite}) > 1
+                                           or any(abs(s.fill) >= 1e30 for s in finite)):
+        return False
     biases = [i for i, s in enumerate(steps) if s.op == "bias"]
-    if biases and any(s.op == "set" and s.fill > float("-inf") for s in steps[biases[0] + 1:biases[-1]]):
-        return False   # the one bias item cannot sit both before and after that fill
+    if biases and any(s.op == "set" and s.fill > inf for s in steps[biases[0] + 1:biases[-1]]):
+        return False
     masking = [s for s in steps if s.keypad and s.op != "bias"]
-    if not masking:
-        return True
     keys = {frozenset((same_value_key(t.node), t.kind) for t in s.keypad) for s in masking}
     if len(keys) > 1 and not (all(s.op == "set" for s in masking) and len({s.fill for s in masking}) == 1):
         return False
-    biases = [i for i, s in enumerate(steps) if s.op == "bias"]
-    if not biases:
+    if not biases or not masking:
         return True
-    last = biases[-1]   # (the program adds every bias at the first one: no set lies between them)
-    if any(s.keypad and s.op != "bias" and s.fill > float("-inf") for s in steps[:last]):
+    last = biases[-1]
+    if any(s.keypad and s.op != "bias" and s.fill > inf for s in steps[:last]):
         return False
     after = [s for s in steps[last + 1:] if s.keypad and s.op != "bias"]
-    return not after or after[0].op == "set" or after[0].fill == float("-inf")
+    return not after or after[0].op == "set" or after[0].fill == inf
 
 
 def dead_row_program(steps: list[Step]) -> str:
