@@ -242,3 +242,18 @@ def test_in_place_after_another_read_is_not_misread():
     report = explain_doubled(module, *args)
     assert sum(s.rewritten for s in report.sites) == 0
     assert rel_err(report.output, ref) < 1e-6
+
+
+def test_one_d_key_bias_at_rank_two():
+    # a [Nk] bias broadcasts against [Nq, Nk] scores; the op gets it as [1, 1, 1, Nk] (SDPA
+    # rejects masks under 2-D)
+    q, k, v = (t[0, 0] for t in qkv())
+    check(lambda q, k, v, b: torch.softmax(q @ k.T * 0.3 + b, -1) @ v, q, k, v, torch.randn(N))
+
+
+@pytest.mark.filterwarnings("ignore:The use of `x.T`")   # deprecated for rank != 2, still valid code
+def test_dot_T_reverses_every_dim():
+    # at rank 3, k.T is k.permute(2, 1, 0), not a transpose of the last two dims
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(4, 5, 4, generator=g), torch.randn(4, 4, 4, generator=g), torch.randn(4, 4, 3, generator=g)
+    check(lambda q, k, v: torch.softmax(q @ k.T, -1) @ v, q, k, v)

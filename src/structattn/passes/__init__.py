@@ -75,7 +75,11 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.reason = f"not rewritten: {m.reason}"
         return site
 
-    plan = plan_mask(m.masks, m.is_causal)
+    plan = plan_mask(m.masks, m.is_causal, tuple(m.scores_shape[-2:]) if m.scores_shape else None)
+    if plan.reason is not None:
+        m.refuse(plan.reason)
+        site.reason, site.scale = f"not rewritten: {plan.reason}", None
+        return site
     kind = plan.kind
     if resolved.causal and kind == "general":
         kind = "causal"
@@ -104,6 +108,12 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     rewrite_site(gm.graph, m, plan, method, params, min_seq_len, config.impl, resolved.causal,
                  route_key=site.route_key)
     erase_dead([m.output])
+    if m.form == "sdpa" and m.anchor is not m.output:
+        # a fused SDPA kernel: its unused logsumexp items, then the kernel (dropout_p is 0, so
+        # its "nondeterministic" tag does not keep it alive)
+        erase_dead([u for u in m.anchor.users if not u.users])
+        if not m.anchor.users and not getattr(m.anchor, "_erased", False):
+            gm.graph.erase_node(m.anchor)
     site.rewritten = True
     site.method = method.name
     site.params = {f.name: getattr(params, f.name) for f in method.param_fields()}

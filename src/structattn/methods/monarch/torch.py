@@ -103,8 +103,12 @@ def _monarch_core(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
             kbar = R @ k                                                   # sum_i R_k[j,i] k_ki
             ent_bias = lse - torch.linalg.vecdot(a, kbar)                  # H(R) + <R, bias> = lse - <R, x>
         if M == 1:
-            # one key block: L_j = 1 whatever its logit (no L-step to compute)
+            # one key block: L_j = 1 whatever its logit. Only with one key (R = 1 above, so y = v)
+            # must the key's bias still act: -inf -> 0 (SDPA's dead row), NaN / +inf -> NaN
             Lt = qs.new_ones(n, G, bq, 1, 1)
+            if bk == 1 and bias is not None:
+                b = bias[..., 0, 0].reshape(bias.shape[0], bias.shape[1], 1, 1, 1)
+                Lt = torch.where(b == float("-inf"), 0.0, 1.0 + 0.0 * b).expand(n, G, bq, 1, 1)
             continue
         # ---- L-step: logits s q_lj . kbar_jk + H(R_k[j,:]) + <R_k[j,:], bias_k> (-inf: no weight)
         Lt = _l_step(qTa, kbar, ent_bias, finite)                          # [.., j, l, k]

@@ -173,16 +173,24 @@ class _Blocks:
 def _attend(c: _Blocks, take, slots: torch.Tensor, valid: torch.Tensor, diag: bool,
             lowres: Optional[tuple], into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the triples ``take`` selects over their ``slots`` (and, with ``diag``, their
-    causal diagonal block), merged with ``lowres`` = (o_lo [T', Dv], lse_lo [T']). -> [T', b, Dv],
-    written into ``into`` when given."""
+    causal diagonal block, attended as one more slot under a causal triangle), merged with
+    ``lowres`` = (o_lo [T', Dv], lse_lo [T']). -> [T', b, Dv], written into ``into`` when given."""
     b, cdt = c.b, c.cdt
     q_blocks, kv_base, head_base, qblock = take(c.q), take(c.kv_base), take(c.head_base), take(c.qblock)
+    if diag:   # the diagonal block goes last: one kernel call per chunk, its triangle in the mask
+        slots = torch.cat([slots, qblock[:, None]], dim=1)
+        valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
     total, rr = slots.shape
     D, Dv = q_blocks.shape[-1], c.v.shape[-1] // b
     dev = q_blocks.device
     kv_idx = slots + kv_base[:, None]
     bias_idx = slots + head_base[:, None]
-    all_valid = bool(valid.all())
+    keyed = c.bias is not None or not bool(valid.all())   # a per-key mask is needed
+    tri = None
+    if diag:
+        tri = torch.zeros(b, rr * b, dtype=cdt, device=dev)
+        tri[:, (rr - 1) * b:] = torch.full((b, b), MASKED, dtype=cdt, device=dev).triu(1)
+        tri = tri.view(1, 1, b, rr * b)
     per = max(1, _CHUNK_BYTES // max(1, max(rr, 1) * b * max(D, Dv) * (torch.finfo(cdt).bits // 8)))
     kbuf = torch.empty(per * rr, b * D, dtype=cdt, device=dev)
     vbuf = torch.empty(per * rr, b * Dv, dtype=cdt, device=dev)
@@ -191,33 +199,23 @@ def _attend(c: _Blocks, take, slots: torch.Tensor, valid: torch.Tensor, diag: bo
         hi = min(lo + per, total)
         n = hi - lo
         qc = q_blocks[lo:hi]
+        parts = []
         if rr:
             ks = torch.index_select(c.k, 0, kv_idx[lo:hi].reshape(-1), out=kbuf[: n * rr]).view(n, 1, rr * b, D)
             vs = torch.index_select(c.v, 0, kv_idx[lo:hi].reshape(-1), out=vbuf[: n * rr]).view(n, 1, rr * b, Dv)
-            mask = None
-            if c.bias is not None:
-                mask = c.bias.index_select(0, bias_idx[lo:hi].reshape(-1)).view(n, 1, 1, rr * b)
-            if not all_valid:
+            mask = tri
+            if keyed:
+                keys = torch.zeros(n, 1, 1, rr * b, dtype=cdt, device=dev) if c.bias is None else \
+                    c.bias.index_select(0, bias_idx[lo:hi].reshape(-1)).view(n, 1, 1, rr * b)
                 unused = (~valid[lo:hi]).repeat_interleave(b, dim=-1).view(n, 1, 1, rr * b)
-                mask = torch.zeros(n, 1, 1, rr * b, dtype=cdt, device=dev) if mask is None else mask
-                mask = mask.masked_fill(unused, MASKED)
+                keys = keys.masked_fill(unused, MASKED)
+                mask = keys if tri is None else keys + tri
             o, lse = _FLASH(qc, ks, vs, 0.0, False, attn_mask=mask, scale=c.scale)
             o, lse = o[:, 0], lse[:, 0]                                       # [n, b, Dv], [n, b]
-            if mask is not None:
-                lse = torch.where(_alive(mask, False).view(n, 1), lse, MASKED)
-        parts = [(o, lse)] if rr else []
-        if diag:
-            rows = kv_base[lo:hi] + qblock[lo:hi]
-            kd = c.k.index_select(0, rows).view(n, 1, b, D)
-            vd = c.v.index_select(0, rows).view(n, 1, b, Dv)
-            dmask = None
-            if c.bias is not None:
-                dmask = c.bias.index_select(0, head_base[lo:hi] + qblock[lo:hi]).view(n, 1, 1, b)
-            od, ld = _FLASH(qc, kd, vd, 0.0, True, attn_mask=dmask, scale=c.scale)
-            od, ld = od[:, 0], ld[:, 0]
-            if dmask is not None:
-                ld = torch.where(_alive(dmask, True)[:, 0], ld, MASKED)
-            parts.append((od, ld))
+            if keyed:   # the kernel reports lse 0 for a row that saw no key: make it -inf
+                alive = (mask > MASKED).any(-1)[:, 0]                          # [n, 1 or b]
+                lse = torch.where(alive, lse, MASKED)
+            parts.append((o, lse))
         if lowres is not None:
             parts.append((lowres[0][lo:hi, None].expand(n, b, Dv), lowres[1][lo:hi, None].expand(n, b)))
         if not parts:
