@@ -19,7 +19,7 @@ from .canonical import erase_dead, functionalize_inplace
 from .cost import auto_min_seq_len, cost_reason
 from .expand import expand_fused_modules
 from .masks import plan_mask
-from .terms import biases_into_mod, site_terms
+from .terms import biases_into_mod, implied_window, site_terms
 from .match import Match, find_sites
 from .rewrite import rewrite_site
 from .shield import shield_softmax
@@ -86,10 +86,12 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.reason, site.scale = f"not rewritten: {plan.reason}", None
         return site
     plan = biases_into_mod(m, plan)
+    if plan.kind == "general":
+        m.window = implied_window(plan)
     kind = plan.kind
     if resolved.causal and kind == "general":
         kind = "causal"
-    terms = site_terms(m, kind)
+    terms = site_terms(m, kind, plan)
     shape = site.shape = replace(shape, mask=kind, terms=terms)
     site.mask = kind + (" (declared)" if resolved.causal and plan.kind == "general" else "")
     site.terms = labels(terms)

@@ -287,16 +287,109 @@ def _bare_load(text: str) -> bool:
     return isinstance(tree, E.Load) and all(isinstance(i, (E.Var, E.Const)) for i in tree.at)
 
 
-def site_terms(m, mask_kind: str) -> tuple:
+def site_terms(m, mask_kind: str, plan=None) -> tuple:
     """The site's terms in eager's order: a per-head scale, the score modification's terms
-    (``scoremod.terms.terms_of``: bias, soft-cap, other chains, the window), then the mask."""
-    from ..scoremod.terms import Mask, Scale, terms_of
+    (``scoremod.terms.terms_of``: bias, soft-cap, other chains, the window), a key bias the mask
+    plan carries as an additive key-padding term (BLOOM's ALiBi), then the mask."""
+    from ..scoremod.terms import Bias, Mask, Scale, terms_of
+    from .masks import _term_steps
 
     out: list = []
     if m.scale_nodes:
         out.append(Scale("per-head"))
     out.extend(terms_of(m.score_mod, *m.window))
+    if plan is not None and any(t.kind == "additive" and any(st.op == "bias" for st in (_term_steps(t) or ()))
+                                for t in plan.keypad):
+        out.append(Bias("key_only"))
     masks = {"causal": ("causal",), "key_padding": ("key_padding",), "causal+key_padding": ("causal", "key_padding"),
              "general": ("general",)}.get(mask_kind, ())
     out.extend(Mask(kind) for kind in masks)
     return tuple(out)
+
+
+def implied_window(plan) -> tuple[int, int]:
+    """A sliding window ``(left, right)`` (-1 = unbounded) that a general mask implies: every term
+    whose producer graph lifts to ``where(C, 0, fill)`` (additive, fill <= -1e4) or to a keep
+    condition ``C``, with ``C`` a conjunction holding a comparison of ``k - q`` with a constant
+    (Mistral's and Gemma-2's ``kv_idx > q_idx - w``). The mask stays: the window only tells the
+    methods which keys can be skipped, so it never changes a logit. (-1, -1) when none is found."""
+    from .masks import NEG_THRESHOLD
+
+    lo, hi = None, None
+    for t in plan.general:
+        lifted = lift_bias(t.node, 1.0, 4, 0) if t.kind != "masked" else None
+        if lifted is None:
+            continue
+        tree = E.parse(lifted[0])
+        if t.kind == "additive":
+            if not (isinstance(tree, E.Call) and tree.fn == "where" and tree.args[1] == E.Const(0)
+                    and _number(tree.args[2]) is not None and _number(tree.args[2]) <= NEG_THRESHOLD):
+                continue
+            tree = tree.args[0]
+        for c in _conjuncts(tree):
+            bound = _difference_bound(c)
+            if bound is not None:
+                side, value = bound
+                if side == "lo":
+                    lo = value if lo is None else max(lo, value)
+                else:
+                    hi = value if hi is None else min(hi, value)
+    left = -lo if lo is not None and lo <= 0 else -1
+    right = hi if hi is not None and hi >= 0 else -1
+    return (left, right) if left >= 0 else (-1, -1)
+
+
+def _number(tree: E.Node) -> Optional[float]:
+    if isinstance(tree, E.Const):
+        return float(tree.value)
+    if isinstance(tree, E.Neg) and isinstance(tree.value, E.Const):
+        return -float(tree.value.value)
+    return None
+
+
+def _conjuncts(tree: E.Node) -> list:
+    if isinstance(tree, E.BoolOp) and tree.op == "and":
+        return [c for v in tree.values for c in _conjuncts(v)]
+    return [tree]
+
+
+def _linear(tree: E.Node) -> Optional[dict]:
+    """``tree`` as {"q": a, "k": b, "": c} (a q + b k + c), or None when it is not linear in
+    q and k with integer constants."""
+    if isinstance(tree, E.Const) and isinstance(tree.value, int) and not isinstance(tree.value, bool):
+        return {"": tree.value}
+    if isinstance(tree, E.Var) and tree.name in ("q", "k"):
+        return {tree.name: 1}
+    if isinstance(tree, E.Neg):
+        inner = _linear(tree.value)
+        return None if inner is None else {n: -c for n, c in inner.items()}
+    if isinstance(tree, E.BinOp) and tree.op in ("+", "-"):
+        a, c = _linear(tree.left), _linear(tree.right)
+        if a is None or c is None:
+            return None
+        sign = 1 if tree.op == "+" else -1
+        return {n: a.get(n, 0) + sign * c.get(n, 0) for n in set(a) | set(c)}
+    return None
+
+
+def _difference_bound(tree: E.Node) -> Optional[tuple[str, int]]:
+    """A comparison that bounds d = k - q: ("lo", L) for d >= L, ("hi", H) for d <= H."""
+    if not (isinstance(tree, E.BinOp) and tree.op in ("<", "<=", ">", ">=")):
+        return None
+    a, c = _linear(tree.left), _linear(tree.right)
+    if a is None or c is None:
+        return None
+    diff = {n: a.get(n, 0) - c.get(n, 0) for n in set(a) | set(c)}   # diff OP 0
+    kq = diff.get("k", 0)
+    if kq not in (1, -1) or diff.get("q", 0) != -kq:
+        return None
+    const = diff.get("", 0) * kq                                        # kq * diff = d + const
+    op = tree.op if kq == 1 else {"<": ">", "<=": ">=", ">": "<", ">=": "<="}[tree.op]
+    # d + const OP 0
+    if op == ">":
+        return "lo", -const + 1
+    if op == ">=":
+        return "lo", -const
+    if op == "<":
+        return "hi", -const - 1
+    return "hi", -const
