@@ -86,7 +86,8 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.reason, site.scale = f"not rewritten: {plan.reason}", None
         return site
     plan = biases_into_mod(m, plan)
-    if plan.kind == "general":
+    if plan.kind == "general" and not resolved.causal:
+        # (a declared causal mask replaces the mask, and the window it implied with it)
         m.window = implied_window(plan)
     kind = plan.kind
     if resolved.causal and kind == "general":
@@ -97,10 +98,9 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     site.terms = labels(terms)
 
     method, params = get_method(resolved.method), resolved.params
-    reason = None
-    if (m.score_mod or m.window != (-1, -1)) and not takes_mods(method.forward):
+    reason = method.supports(shape, params)
+    if reason is None and (m.score_mod or m.window != (-1, -1)) and not takes_mods(method.forward):
         reason = f"takes no score modifications ({site.terms})"
-    reason = reason or method.supports(shape, params)
     if reason is None and config.exact_when_cheaper and not config.route:
         reason = cost_reason(method, shape, params, site.size_hints)
     min_seq_len = config.min_seq_len
