@@ -9,36 +9,71 @@ q, k, v are ``[B, H, N, D]`` (k/v may have fewer heads that divide H: grouped-qu
 Every registered method is reachable as ``<name>_attention``: the documented wrappers below, or,
 for a method registered later, a generic one (module ``__getattr__``) taking the method's
 parameters as keywords.
+
+Score modifications (``attention`` and every wrapper): ``score_mod`` is an expression that maps the
+scaled score ``s`` of entry (b, h, q, k) to its logit before the mask, in the small language of
+``structattn.scoremod`` (``h`` is the query head; captured tensors ``t0``, ``t1``, ... are
+``score_tensors``); ``window=(left, right)`` is a sliding window (key j visible from query i iff
+``i - left <= j <= i + right``; None on a side = unbounded), a hard mask like ``is_causal``::
+
+    attention("mra", q, k, v, is_causal=True, score_mod="50.0 * tanh(s / 50.0)")    # Gemma-2
+    attention("topk", q, k, v, score_mod="s + t0[h, 0] * k", score_tensors=[slopes])  # ALiBi
+    attention("exact", q, k, v, is_causal=True, window=(4095, 0))                     # Mistral
+
+Each method applies them as its page under docs/methods/ says, or raises ValueError naming the
+term it cannot keep (e.g. Monarch and soft-capping). Score tensors that require grad get gradients.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from .lowering.ops import IMPLS, check_inputs, op_args, op_for
+from .lowering.ops import IMPLS, check_inputs, check_mods, mod_args, op_args, op_for
 from .methods import REGISTRY, get_method
+from .methods.base import ScoreMods
 
 __all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention"]
 
 
 def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-              is_causal: bool = False, *, impl: str = "auto", **params) -> torch.Tensor:
-    """Attention by the registered method ``method`` with its ``params`` (validated)."""
+              is_causal: bool = False, *, impl: str = "auto", score_mod: str = "",
+              score_tensors: Sequence[torch.Tensor] = (), window: Optional[tuple] = None, **params) -> torch.Tensor:
+    """Attention by the registered method ``method`` with its ``params`` (validated) and the score
+    modifications ``score_mod`` / ``score_tensors`` / ``window`` (module docstring)."""
     what = f"structattn.functional.{method}_attention"
     if impl not in IMPLS:
         raise ValueError(f"{what}: impl must be one of {list(IMPLS)}; got {impl!r}")
     pargs = _param_args(method, tuple(sorted(params.items())))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else math.inf  # SDPA's default
+    mods = ScoreMods(score_mod, tuple(score_tensors), *_window(window, what))
     if not torch.compiler.is_compiling():
         # eager only: under torch.compile the op's fake impl checks the inputs, and the method's
         # forward raises for a mask or causal flag it cannot serve
         check_inputs(q, k, v, attn_mask, what)
-        _check_supported(method, q, k, v, attn_mask, is_causal, pargs, what)
-    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, "", *pargs)
+        check_mods(mods, what)
+        _check_supported(method, q, k, v, attn_mask, is_causal, pargs, what, mods)
+    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, "", *mod_args(mods), *pargs)
+
+
+def _window(window: Optional[tuple], what: str) -> tuple[int, int]:
+    """``(left, right)`` with None as -1 (unbounded); ValueError for anything else."""
+    if window is None:
+        return -1, -1
+    if not (isinstance(window, (tuple, list)) and len(window) == 2):
+        raise ValueError(f"{what}: window must be None or a pair (left, right) of ints >= 0 or None; got {window!r}")
+    out = []
+    for side, value in zip(("left", "right"), window):
+        if value is None:
+            out.append(-1)
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            out.append(value)
+        else:
+            raise ValueError(f"{what}: window {side} must be an int >= 0 or None (unbounded); got {value!r}")
+    return out[0], out[1]
 
 
 @torch.compiler.assume_constant_result
@@ -48,14 +83,19 @@ def _param_args(method: str, items: tuple) -> tuple:
     return op_args(m, m.make_params(dict(items), where=f"{method}_attention"))
 
 
-def _check_supported(method: str, q, k, v, attn_mask, is_causal: bool, pargs: tuple, what: str) -> None:
-    from .methods.base import SiteShape
+def _check_supported(method: str, q, k, v, attn_mask, is_causal: bool, pargs: tuple, what: str,
+                     mods: ScoreMods) -> None:
+    from .methods.base import SiteShape, takes_mods
+    from .scoremod.terms import terms_of
 
     m = get_method(method)
+    if not mods.empty and not takes_mods(m.forward):
+        raise ValueError(f"{what}: method {method!r} takes no score modifications ({mods.describe()})")
     site = SiteShape(
         batch=q.shape[0], num_heads=q.shape[1], num_kv_heads=k.shape[1], q_len=q.shape[2],
         kv_len=k.shape[2], head_dim=q.shape[3], v_head_dim=v.shape[3],
         mask=_mask_kind(attn_mask, is_causal), dtype=q.dtype,
+        terms=terms_of(mods.text, mods.window_left, mods.window_right),
     )
     reason = m.supports(site, m.Params(*pargs))
     if reason is not None:
@@ -72,23 +112,32 @@ def _mask_kind(attn_mask: Optional[torch.Tensor], is_causal: bool) -> str:
     return "causal+key_padding" if is_causal else "key_padding"
 
 
-def exact_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, impl="auto"):
-    """Exact softmax attention through ``structattn::exact_attention`` (SDPA underneath)."""
-    return attention("exact", q, k, v, attn_mask, scale, is_causal, impl=impl)
+def exact_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, impl="auto", **mods):
+    """Exact softmax attention through ``structattn::exact_attention`` (SDPA underneath; score
+    modifications as ``attention``'s keywords, applied exactly)."""
+    return attention("exact", q, k, v, attn_mask, scale, is_causal, impl=impl, **_mods(mods, "exact_attention"))
 
 
-def monarch_attention(q, k, v, attn_mask=None, scale=None, *, block_size=None, num_steps=1, impl="auto"):
+def _mods(kw: dict, name: str) -> dict:
+    unknown = set(kw) - {"score_mod", "score_tensors", "window"}
+    if unknown:
+        raise TypeError(f"{name}() got unexpected keyword arguments {sorted(unknown)}")
+    return kw
+
+
+def monarch_attention(q, k, v, attn_mask=None, scale=None, *, block_size=None, num_steps=1, impl="auto", **mods):
     """MonarchAttention (Yaras et al. 2025): softmax projected onto Monarch matrices.
 
     ``block_size=None`` picks about sqrt(N); ``num_steps`` is the number of alternating (R, L)
-    steps. Supports key-padding masks only (a causal or general mask raises ValueError).
+    steps. Supports key-padding masks only (a causal or general mask raises ValueError), and of
+    the score modifications only biases that depend on the key alone.
     """
     return attention("monarch", q, k, v, attn_mask, scale, False, impl=impl,
-                     block_size=block_size, num_steps=num_steps)
+                     block_size=block_size, num_steps=num_steps, **_mods(mods, "monarch_attention"))
 
 
 def mra_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, block_size=32,
-                  blocks_per_row=4, variant="mra2", sink_blocks=0, impl="auto"):
+                  blocks_per_row=4, variant="mra2", sink_blocks=0, impl="auto", **mods):
     """MRA-2 multi-resolution attention (Zeng et al. 2022).
 
     Exact scores in the ``blocks_per_row`` highest-scoring key blocks of each query block, pooled
@@ -97,7 +146,8 @@ def mra_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, block
     LMs park attention on their first tokens, which a pooled block average cannot represent.
     """
     return attention("mra", q, k, v, attn_mask, scale, is_causal, impl=impl, block_size=block_size,
-                     blocks_per_row=blocks_per_row, variant=variant, sink_blocks=sink_blocks)
+                     blocks_per_row=blocks_per_row, variant=variant, sink_blocks=sink_blocks,
+                     **_mods(mods, "mra_attention"))
 
 
 def topk_attention(q, k, v, /, attn_mask=None, scale=None, is_causal=False, *, chunk_size=1024, impl="auto", **kw):
@@ -106,10 +156,9 @@ def topk_attention(q, k, v, /, attn_mask=None, scale=None, is_causal=False, *, c
     Call as ``topk_attention(q, k, v, k=64)``: the tensors are positional, the budget ``k`` is a
     keyword. Queries are processed ``chunk_size`` at a time so peak memory is O(chunk*N + N*k).
     """
-    unknown = set(kw) - {"k"}
-    if unknown:
-        raise TypeError(f"topk_attention() got unexpected keyword arguments {sorted(unknown)}")
-    return attention("topk", q, k, v, attn_mask, scale, is_causal, impl=impl, k=kw.get("k", 64), chunk_size=chunk_size)
+    budget = kw.pop("k", 64)
+    return attention("topk", q, k, v, attn_mask, scale, is_causal, impl=impl, k=budget, chunk_size=chunk_size,
+                     **_mods(kw, "topk_attention"))
 
 
 def __getattr__(name: str):

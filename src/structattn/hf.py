@@ -50,7 +50,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from .config import Config, Resolved
-from .lowering.ops import op_args, op_for
+from .lowering.ops import mod_args, op_args, op_for
 from .passes.cost import auto_min_seq_len, cost_reason
 from .methods import SiteShape, exact_flops, get_method
 from .methods.common import causal_keep
@@ -298,7 +298,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             reason = f"kv length below min_seq_len {threshold}" + (" (auto)" if config.min_seq_len == "auto" else "")
     # decided above: the op runs what was chosen (min_seq_len 0), so the record tells the truth
     out = op_for(method)(query, key, value, mask, scale, bool(causal), 0 if reason is None else 1 << 62,
-                         config.impl, "", *op_args(method, params))
+                         config.impl, "", *mod_args(None), *op_args(method, params))
     ran = method.name if reason is None else "exact"
     _record(binding, layer, resolved, query, key, value, ran, params if reason is None else None, reason,
             True, shown)

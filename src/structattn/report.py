@@ -32,6 +32,8 @@ class Site:
     shape: Optional[SiteShape] = None
     requested: Optional[str] = None
     mask: str = "none"
+    #: the score terms the site keeps (``scoremod.terms.labels``: "softcap(50), causal", ...), '-' when none
+    terms: str = "-"
     scale: Optional[float] = None
     flops: Any = None
     exact_flops: Any = None
@@ -134,7 +136,7 @@ class Report:
 
     # -- rendering -----------------------------------------------------------------------------
     def __str__(self) -> str:
-        head = ("layer", "form", "method", "params", "q x kv", "heads", "d", "mask", "GFLOP est/exact", "note")
+        head = ("layer", "form", "method", "params", "q x kv", "heads", "d", "mask", "terms", "GFLOP est/exact", "note")
         # symbolic sizes print as their names; FLOPs print at the traced sizes
         rows = []
         for s in self.sites:
@@ -144,7 +146,7 @@ class Report:
             note = s.reason or ("" if s.rewritten else "")
             rows.append((
                 s.layer or "<root>", s.form, s.method + ("" if s.rewritten else " (kept)"), params or "-",
-                f"{_fmt(s.q_len)}x{_fmt(s.kv_len)}", _heads(s), _fmt(s.head_dim), s.mask,
+                f"{_fmt(s.q_len)}x{_fmt(s.kv_len)}", _heads(s), _fmt(s.head_dim), s.mask, s.terms,
                 f"{_gflop(s.flops, s.size_hints)}/{_gflop(s.exact_flops, s.size_hints)}", note,
             ))
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head[:-1])]

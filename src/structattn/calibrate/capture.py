@@ -9,7 +9,8 @@ import torch
 
 from .. import backend as _backend
 from ..lowering import routed
-from ..methods.exact import sdpa
+from ..methods.base import NO_MODS, ScoreMods
+from ..methods.exact import exact_forward
 from ..report import Report
 
 
@@ -24,6 +25,8 @@ class Call:
     scale: float
     is_causal: bool
     out: torch.Tensor
+    #: the site's score modifications (``methods.base.ScoreMods``)
+    mods: ScoreMods = NO_MODS
 
 
 class RoutedModel:
@@ -170,11 +173,12 @@ def capture_calls(rm: RoutedModel, samples: list, sample_inputs: Any, output_fn:
     store: dict[str, list] = {}
 
     def recorder(key):
-        def fn(q, k, v, mask, scale, is_causal):
-            out = sdpa(q, k, v, mask, scale, is_causal)
+        def fn(q, k, v, mask, scale, is_causal, mods=NO_MODS):
+            out = exact_forward(q, k, v, mask, scale, is_causal, mods)
+            kept = ScoreMods(mods.text, tuple(t.detach() for t in mods.tensors), mods.window_left, mods.window_right)
             store.setdefault(key, []).append(Call(q.detach(), k.detach(), v.detach(),
                                                   None if mask is None else mask.detach(), float(scale),
-                                                  bool(is_causal), out.detach()))
+                                                  bool(is_causal), out.detach(), kept))
             return out
         return fn
 

@@ -18,6 +18,7 @@ import torch
 from ..lowering.ops import run_method
 from ..methods import SiteShape, exact_flops, get_method
 from ..methods.common import FILL_MASKED_AT, as_4d
+from ..scoremod.terms import terms_of
 from .capture import Call, RoutedModel, as_given, compared_output, progress_bar
 from .results import Candidate, LayerChoice
 from .search import meets, near_front, pareto_front
@@ -49,9 +50,10 @@ def subsample(call: Call, max_kv_heads: Optional[int], max_batch: Optional[int] 
         if mask is not None and mask.shape[0] > 1:
             mask = mask[:max_batch]
         call = Call(call.q[:max_batch], call.k[:max_batch], call.v[:max_batch], mask, call.scale, call.is_causal,
-                    call.out[:max_batch])
+                    call.out[:max_batch], call.mods)
     hk = call.k.shape[1]
-    if max_kv_heads is None or hk <= max_kv_heads:
+    if max_kv_heads is None or hk <= max_kv_heads or call.mods.text:
+        # a score modification reads the head index: its heads are measured as they are
         return call
     g = call.q.shape[1] // hk
     kv_idx = torch.linspace(0, hk - 1, max_kv_heads).round().long().unique()
@@ -60,14 +62,15 @@ def subsample(call: Call, max_kv_heads: Optional[int], max_batch: Optional[int] 
     if mask is not None and mask.shape[1] > 1:
         mask = mask[:, q_idx]
     return Call(call.q[:, q_idx], call.k[:, kv_idx], call.v[:, kv_idx], mask, call.scale, call.is_causal,
-                call.out[:, q_idx])
+                call.out[:, q_idx], call.mods)
 
 
 def shape_of(call: Call, mask_kind: str) -> SiteShape:
     """The ``SiteShape`` of a captured call, with its site's mask kind."""
     q, k, v = call.q, call.k, call.v
     return SiteShape(int(q.shape[0]), int(q.shape[1]), int(k.shape[1]), int(q.shape[2]), int(k.shape[2]),
-                     int(q.shape[3]), int(v.shape[3]), mask_kind, q.dtype)
+                     int(q.shape[3]), int(v.shape[3]), mask_kind, q.dtype,
+                     terms_of(call.mods.text, call.mods.window_left, call.mods.window_right))
 
 
 def layer_error(method, params, calls: list, min_seq_len: int, impl: str) -> float:
@@ -75,7 +78,7 @@ def layer_error(method, params, calls: list, min_seq_len: int, impl: str) -> flo
     num = den = 0.0
     for call in calls:
         out = run_method(method, call.q, call.k, call.v, call.mask, call.scale, call.is_causal, min_seq_len, impl,
-                         params).to(call.out.dtype)
+                         params, mods=call.mods).to(call.out.dtype)
         diff = (out - call.out).double()
         ref = call.out.double()
         w = row_weights(call)

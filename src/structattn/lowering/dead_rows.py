@@ -7,11 +7,13 @@ the scores leave a plain softmax over the keys with the largest fill. Every othe
 under both conventions (a finite fill far below the live scores gets weight exp(-1e4) = 0).
 
 The pass describes what eager does to masked entries as a small program (``passes.masks``):
-``scope:op:fill`` items joined by ';', in eager's order. Scope ``c`` = causally masked entries
-(key after query, top-left), ``m`` = entries the op's ``attn_mask`` masks (bool False, or an
-additive value <= -1e4), ``cm`` = either, ``all`` = every entry; op ``set`` writes ``fill``,
-``add`` adds it, ``bias`` adds the op's additive mask. ``apply_dead_rows`` finds the dead rows and
-recomputes exactly those with the program, starting from the scores ``scale * q k^T``.
+``scope:op:fill`` items joined by ';', in eager's order. A scope is ``all`` (every entry) or a
+combination of the letters ``c`` = causally masked entries (key after query, top-left), ``w`` =
+entries outside the sliding window, ``m`` = entries the op's ``attn_mask`` masks (bool False, or an
+additive value <= -1e4): ``cm`` is an entry masked by either. Op ``set`` writes ``fill``, ``add``
+adds it, ``bias`` adds the op's additive mask. ``apply_dead_rows`` finds the dead rows (every key
+hard-masked by ``is_causal``, the window or ``attn_mask``) and recomputes exactly those with the
+program, starting from the logits the score modification makes of ``scale * q k^T``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..methods.base import NO_MODS, ScoreMods
 from ..methods.common import FILL_MASKED_AT, as_4d
 #: most score entries materialised at once while recomputing dead rows
 _CHUNK_ELEMS = 1 << 22
@@ -27,14 +30,17 @@ _CHUNK_ELEMS = 1 << 22
 def parse_program(program: str) -> list[tuple[str, str, float]]:
     """``"cm:add:-3.4e38;all:bias:0"`` -> ``[("cm", "add", -3.4e38), ("all", "bias", 0.0)]``.
 
-    Raises ValueError naming the bad item; the scopes are c | m | cm | all and the ops set | add | bias.
+    Raises ValueError naming the bad item; a scope is ``all`` or letters from c, w, m (each at
+    most once), the ops set | add | bias.
     """
     steps = []
     for item in filter(None, program.split(";")):
         parts = item.split(":")
-        if len(parts) != 3 or parts[0] not in ("c", "m", "cm", "all") or parts[1] not in ("set", "add", "bias"):
-            raise ValueError(f"dead_rows program item {item!r} is not scope:op:fill with scope in c|m|cm|all "
-                             f"and op in set|add|bias")
+        scope_ok = len(parts) == 3 and (parts[0] == "all" or (
+            parts[0] and set(parts[0]) <= set("cwm") and len(set(parts[0])) == len(parts[0])))
+        if not scope_ok or parts[1] not in ("set", "add", "bias"):
+            raise ValueError(f"dead_rows program item {item!r} is not scope:op:fill with scope 'all' or letters "
+                             f"of c|w|m, and op in set|add|bias")
         steps.append((parts[0], parts[1], float(parts[2])))
     return steps
 
@@ -48,9 +54,18 @@ def _masked(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def dead_row_mask(q_len: int, k_len: int, attn_mask: Optional[torch.Tensor], is_causal: bool,
-                  batch: int, heads: int) -> Optional[torch.Tensor]:
-    """Bool [B, H, Q]: rows whose every key is masked by ``is_causal`` or ``attn_mask``; None if none."""
+                  batch: int, heads: int, mods: ScoreMods = NO_MODS, device=None) -> Optional[torch.Tensor]:
+    """Bool [B, H, Q]: rows whose every key is masked by ``is_causal``, the window of ``mods`` or
+    ``attn_mask``; None if none."""
     masked = _masked(attn_mask)
+    if mods.windowed:
+        device = attn_mask.device if attn_mask is not None else device
+        keep = mods.window_keep(torch.arange(q_len, device=device), torch.arange(k_len, device=device))
+        if is_causal:
+            keep &= torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+        live = keep if masked is None else ~masked & keep
+        dead = ~live.any(-1).expand(batch, heads, q_len)
+        return dead if bool(dead.any()) else None
     if masked is None:
         return None
     live = ~masked
@@ -71,15 +86,18 @@ def dead_row_mask(q_len: int, k_len: int, attn_mask: Optional[torch.Tensor], is_
 
 
 def apply_dead_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    attn_mask: Optional[torch.Tensor], scale: float, is_causal: bool, program: str) -> torch.Tensor:
+                    attn_mask: Optional[torch.Tensor], scale: float, is_causal: bool, program: str,
+                    mods: Optional[ScoreMods] = None) -> torch.Tensor:
     """``out`` with its dead rows recomputed by ``program`` (unchanged when the program is empty or
-    no row is dead). q [B,H,Q,D], k [B,Hk,K,D], v [B,Hk,K,Dv], out [B,H,Q,Dv]."""
+    no row is dead). q [B,H,Q,D], k [B,Hk,K,D], v [B,Hk,K,Dv], out [B,H,Q,Dv]; ``mods`` the call's
+    score modifications (the expression makes the logits, the window masks)."""
     if not program or out.numel() == 0:
         return out
+    mods = NO_MODS if mods is None else mods
     steps = parse_program(program)
     B, H, Q, _ = q.shape
     K = k.shape[-2]
-    dead = dead_row_mask(Q, K, attn_mask, is_causal, B, H)
+    dead = dead_row_mask(Q, K, attn_mask, is_causal, B, H, mods, q.device)
     if dead is None:
         return out
     b, h, i = dead.nonzero(as_tuple=True)
@@ -94,12 +112,15 @@ def apply_dead_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         bb, hh, ii = b[lo:lo + per], h[lo:lo + per], i[lo:lo + per]
         kk = k[bb, hh // group].to(cdt)                                          # [n, K, D]
         s = torch.einsum("nd,nkd->nk", q[bb, hh, ii].to(cdt), kk) * scale
-        scopes = {"all": torch.ones_like(s, dtype=torch.bool)}
-        scopes["c"] = (keys.unsqueeze(0) > ii.unsqueeze(1)) if is_causal else torch.zeros_like(scopes["all"])
-        scopes["m"] = _rows(masked, bb, hh, ii) if masked is not None else torch.zeros_like(scopes["all"])
-        scopes["cm"] = scopes["c"] | scopes["m"]
+        s = mods.logits(s, b=bb.unsqueeze(1), h=hh.unsqueeze(1), q=ii.unsqueeze(1), k=keys.unsqueeze(0))
+        none = torch.zeros_like(s, dtype=torch.bool)
+        letters = {
+            "c": (keys.unsqueeze(0) > ii.unsqueeze(1)) if is_causal else none,
+            "w": ~mods.window_keep(ii, keys) if mods.windowed else none,
+            "m": _rows(masked, bb, hh, ii) if masked is not None else none,
+        }
         for scope, op, fill in steps:
-            where = scopes[scope]
+            where = ~none if scope == "all" else _union(letters[c] for c in scope)
             if op == "set":
                 s = torch.where(where, torch.tensor(fill, dtype=cdt, device=s.device), s)
             elif op == "add":
@@ -111,6 +132,13 @@ def apply_dead_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)
         rows.append(torch.einsum("nk,nkd->nd", p, v[bb, hh // group].to(cdt)))
     return out.index_put((b, h, i), torch.cat(rows).to(out.dtype))
+
+
+def _union(masks) -> torch.Tensor:
+    out = None
+    for m in masks:
+        out = m if out is None else out | m
+    return out
 
 
 def _rows(t: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor) -> torch.Tensor:

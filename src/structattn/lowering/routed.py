@@ -12,27 +12,38 @@ from typing import Callable, Optional
 
 import torch
 
-from ..methods.exact import sdpa
+from ..methods.base import ScoreMods
+from ..methods.exact import exact_forward
 from .dead_rows import apply_dead_rows
-from .ops import NAMESPACE, check_inputs, run_method
+from .ops import NAMESPACE, check_inputs, check_mods, run_method
 
-#: site key -> fn(q, k, v, attn_mask, scale, is_causal) -> Tensor; missing keys run exact attention
+#: site key -> fn(q, k, v, attn_mask, scale, is_causal, mods) -> Tensor (``mods`` a ``ScoreMods``);
+#: missing keys run exact attention
 ROUTES: dict[str, Callable] = {}
 
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 _LIB.define("routed_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
-            "bool is_causal, str site, str dead_rows='') -> Tensor")
+            "bool is_causal, str site, str dead_rows, str score_mod, Tensor[] score_tensors, int window_left, "
+            "int window_right) -> Tensor")
 
 
-def _impl(q, k, v, attn_mask, scale, is_causal, site, dead_rows=""):
-    check_inputs(q, k, v, attn_mask, "structattn::routed_attention")
+def _impl(q, k, v, attn_mask, scale, is_causal, site, dead_rows="", score_mod="", score_tensors=(),
+          window_left=-1, window_right=-1):
+    what = "structattn::routed_attention"
+    check_inputs(q, k, v, attn_mask, what)
+    mods = ScoreMods(score_mod, tuple(score_tensors), window_left, window_right)
+    check_mods(mods, what)
     fn = ROUTES.get(site)
-    out = fn(q, k, v, attn_mask, scale, is_causal) if fn is not None else sdpa(q, k, v, attn_mask, scale, is_causal)
-    out = apply_dead_rows(out, q, k, v, attn_mask, scale, is_causal, dead_rows)
+    if fn is not None:
+        out = fn(q, k, v, attn_mask, scale, is_causal, mods)
+    else:
+        out = exact_forward(q, k, v, attn_mask, scale, is_causal, mods)
+    out = apply_dead_rows(out, q, k, v, attn_mask, scale, is_causal, dead_rows, mods)
     return out.to(q.dtype).contiguous()
 
 
-def _fake(q, k, v, attn_mask, scale, is_causal, site, dead_rows=""):
+def _fake(q, k, v, attn_mask, scale, is_causal, site, dead_rows="", score_mod="", score_tensors=(),
+          window_left=-1, window_right=-1):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 
@@ -53,6 +64,6 @@ def route(site: str, fn: Optional[Callable]) -> None:
 def method_route(method, params, min_seq_len: int = 0, impl: str = "auto") -> Callable:
     """A route that runs ``method`` with ``params`` as its rewritten op would (same dispatch)."""
 
-    def fn(q, k, v, attn_mask, scale, is_causal):
-        return run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, params)
+    def fn(q, k, v, attn_mask, scale, is_causal, mods=None):
+        return run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, params, mods=mods)
     return fn

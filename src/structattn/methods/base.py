@@ -18,17 +18,25 @@ A method is one folder ``methods/<name>/`` whose ``__init__.py`` holds its ``Par
 * ``candidates(shape)``: the parameter grid ``calibrate`` tries on a site ([] = not calibrated);
 * ``kernel_module``: the dotted name of its Triton module (``<name>/triton.py``), or None.
 
+Score modifications (soft-capping, biases, sliding windows: the op's ``score_mod``,
+``score_tensors``, ``window_left`` / ``window_right``) reach ``forward`` as one ``ScoreMods``
+argument ``mods``; the pass describes them to ``supports`` as ``SiteShape.terms``. A method whose
+``forward`` has no ``mods`` parameter (an older or a test method) still works wherever there are
+none (``takes_mods``).
+
 Its ``<name>/naive.py`` is the short float64 reference the tests check every path against.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 
+from ..scoremod.evaluate import apply_score_mod, index_grids
 from .common import Dim
 
 MaskKind = Literal["none", "key_padding", "causal", "causal+key_padding", "general"]
@@ -54,6 +62,9 @@ class SiteShape:
     v_head_dim: int
     mask: MaskKind = "none"
     dtype: torch.dtype = torch.float32
+    #: the score terms between QK^T and softmax (``scoremod.terms``: Scale, Mask, Bias, Softcap,
+    #: ScoreMod), in the order eager applies them; () when the scores are only scaled and masked
+    terms: tuple = ()
 
     @property
     def causal(self) -> bool:
@@ -62,6 +73,85 @@ class SiteShape:
     @property
     def general_mask(self) -> bool:
         return self.mask == "general"
+
+    def term_kinds(self) -> tuple:
+        """The kinds of ``terms`` ("scale", "mask", "bias", "softcap", "score_mod")."""
+        return tuple(t.kind for t in self.terms)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreMods:
+    """The score modifications of one call, as a method's ``forward`` receives them.
+
+    ``text`` is a ``scoremod`` expression mapping the scaled score ``s`` of entry (b, h, q, k) (h
+    the QUERY head) to its logit before the mask ('' = identity); it reads ``tensors`` as t0, t1,
+    ... A sliding window is a hard mask like ``is_causal``: key j is visible from query i iff
+    ``i - window_left <= j <= i + window_right`` (-1 = unbounded on that side).
+    """
+
+    text: str = ""
+    tensors: tuple = ()
+    window_left: int = -1
+    window_right: int = -1
+
+    @property
+    def empty(self) -> bool:
+        """No expression and no window."""
+        return not self.text and not self.windowed
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
+
+    def logits(self, s: torch.Tensor, *, b, h, q, k) -> torch.Tensor:
+        """``text`` applied to the scaled scores ``s`` at index tensors b, h, q, k (broadcastable
+        against s; ints allowed); ``s`` itself when there is no expression."""
+        if not self.text:
+            return s
+        return apply_score_mod(self.text, s, b=b, h=h, q=q, k=k, tensors=self.tensors)
+
+    def logits_grid(self, s: torch.Tensor, q_positions: torch.Tensor, k_positions: Optional[torch.Tensor] = None):
+        """``logits`` on scores [B, H, Qc, Kc] of query positions ``q_positions`` [Qc] and key
+        positions ``k_positions`` [Kc] (default 0 .. Kc-1)."""
+        if not self.text:
+            return s
+        B, H, _, K = s.shape
+        grids = index_grids(B, H, q_positions, K, s.device)
+        if k_positions is not None:
+            grids["k"] = k_positions.to(s.device).view(1, 1, 1, -1)
+        return self.logits(s, **grids)
+
+    def window_keep(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """Bool [Qc, Kc]: True where the window lets query ``q_positions[i]`` see key
+        ``k_positions[j]``; None without a window."""
+        if not self.windowed:
+            return None
+        qi, kj = q_positions.view(-1, 1), k_positions.view(1, -1)
+        keep = torch.ones(qi.shape[0], kj.shape[1], dtype=torch.bool, device=qi.device)
+        if self.window_left >= 0:
+            keep &= kj >= qi - self.window_left
+        if self.window_right >= 0:
+            keep &= kj <= qi + self.window_right
+        return keep
+
+    def describe(self) -> str:
+        """A short text for messages: the expression and the window."""
+        parts = [f"score_mod {self.text!r}"] if self.text else []
+        if self.windowed:
+            parts.append(f"window ({self.window_left}, {self.window_right})")
+        return ", ".join(parts) or "no score modifications"
+
+
+#: the modifications of a call that has none
+NO_MODS = ScoreMods()
+
+
+def takes_mods(fn: Any) -> bool:
+    """Whether ``fn`` (a method's or kernel module's ``forward``) has a ``mods`` parameter."""
+    try:
+        return "mods" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class Method:
@@ -126,9 +216,21 @@ class Method:
         scale: float,
         is_causal: bool,
         params: Any,
+        mods: ScoreMods = NO_MODS,
     ) -> torch.Tensor:
-        """Plain-torch attention: q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv] -> [B,H,Nq,Dv]."""
+        """Plain-torch attention: q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv] -> [B,H,Nq,Dv], with
+        the score modifications ``mods`` (a method without the parameter takes none)."""
         raise NotImplementedError
+
+    def run(self, q, k, v, attn_mask, scale, is_causal, params, mods: Optional[ScoreMods] = None) -> torch.Tensor:
+        """``forward`` with ``mods`` passed when there are some; ValueError when this method's
+        ``forward`` takes none."""
+        if mods is None or mods.empty:
+            return self.forward(q, k, v, attn_mask, scale, is_causal, params)
+        if not takes_mods(self.forward):
+            raise ValueError(f"method {self.name!r} takes no score modifications ({mods.describe()}); "
+                             f"its forward has no `mods` parameter")
+        return self.forward(q, k, v, attn_mask, scale, is_causal, params, mods=mods)
 
     def flops(self, site: SiteShape, params: Any) -> Dim:
         """Estimated FLOPs (2 x multiply-adds) of one call over all batches and heads."""

@@ -169,6 +169,19 @@ def causal_keep(nq: int, nk: int, device: torch.device) -> torch.Tensor:
     return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
 
 
+def key_range(q0: int, q1: int, nk: int, is_causal: bool, mods) -> tuple[int, int]:
+    """The keys ``[lo, hi)`` that queries ``q0 .. q1-1`` can see under ``is_causal`` and the window
+    of ``mods`` (a ``ScoreMods``)."""
+    lo, hi = 0, nk
+    if mods.window_left >= 0:
+        lo = max(0, q0 - mods.window_left)
+    if mods.window_right >= 0:
+        hi = min(nk, q1 - 1 + mods.window_right + 1)
+    if is_causal:
+        hi = min(hi, q1)
+    return lo, max(lo, hi)
+
+
 def is_key_padding(attn_mask: Optional[torch.Tensor]) -> bool:
     """True when the mask does not vary along queries (it has no query axis, or one of size 1)."""
     return attn_mask is None or attn_mask.dim() < 2 or attn_mask.shape[-2] == 1

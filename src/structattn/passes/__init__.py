@@ -3,18 +3,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataclasses import replace
+
 import sympy
 import torch
 from torch.fx import GraphModule
 
 from ..config import Config
 from ..methods import SiteShape, exact_flops, get_method
+from ..methods.base import takes_mods
+from ..scoremod.terms import labels
 from ..report import Site
 from ..lowering.crossover import NEVER
 from .canonical import erase_dead, functionalize_inplace
 from .cost import auto_min_seq_len, cost_reason
 from .expand import expand_fused_modules
 from .masks import plan_mask
+from .terms import biases_into_mod, implied_window, site_terms
 from .match import Match, find_sites
 from .rewrite import rewrite_site
 from .shield import shield_softmax
@@ -80,14 +85,22 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         m.refuse(plan.reason)
         site.reason, site.scale = f"not rewritten: {plan.reason}", None
         return site
+    plan = biases_into_mod(m, plan)
+    if plan.kind == "general" and not resolved.causal:
+        # (a declared causal mask replaces the mask, and the window it implied with it)
+        m.window = implied_window(plan)
     kind = plan.kind
     if resolved.causal and kind == "general":
         kind = "causal"
-    shape = site.shape = _with_mask(shape, kind)
+    terms = site_terms(m, kind, plan)
+    shape = site.shape = replace(shape, mask=kind, terms=terms)
     site.mask = kind + (" (declared)" if resolved.causal and plan.kind == "general" else "")
+    site.terms = labels(terms)
 
     method, params = get_method(resolved.method), resolved.params
     reason = method.supports(shape, params)
+    if reason is None and (m.score_mod or m.window != (-1, -1)) and not takes_mods(method.forward):
+        reason = f"takes no score modifications ({site.terms})"
     if reason is None and config.exact_when_cheaper and not config.route:
         reason = cost_reason(method, shape, params, site.size_hints)
     min_seq_len = config.min_seq_len
@@ -168,7 +181,3 @@ def _shape_from_scores(m: Match) -> SiteShape | None:
     return SiteShape(batch, heads, heads, _dim(s[-2]), _dim(s[-1]), None, None)
 
 
-def _with_mask(shape: SiteShape, kind: str) -> SiteShape:
-    from dataclasses import replace
-
-    return replace(shape, mask=kind)

@@ -134,6 +134,11 @@ class _Lifter:
             if v is None:
                 return None
             return lambda idx, v=v: E.Const(v)
+        if name in ("and", "or"):
+            a, c = self.operand(call.get("input")), self.operand(call.get("other"))
+            if a is None or c is None:
+                return None
+            return lambda idx: E.BoolOp(name, (a(idx), c(idx)))
         if name == "not":
             a = self.lift(call.get("input"))
             return None if a is None else (lambda idx: E.Not(a(idx)))

@@ -65,6 +65,12 @@ class Match:
     layer: str = ""
     scores_shape: Optional[tuple] = None
     scores_dtype: Optional[torch.dtype] = None
+    #: the element-wise chain between QK^T and the masks, as a ``scoremod`` expression of the
+    #: scaled score (``passes.terms``; '' = none) and the tensor nodes it reads (t0, t1, ...)
+    score_mod: str = ""
+    score_tensors: list = field(default_factory=list)
+    #: a sliding window proven from the mask: (left, right), -1 = unbounded (see ``ScoreMods``)
+    window: tuple = (-1, -1)
 
     def operand_shape(self, name: str) -> Optional[tuple]:
         """Shape of operand ``name`` (q, k or v) as the op receives it, before the 4-D unsqueeze:
@@ -213,7 +219,7 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
             return why
         call = canonical(x)
         if call is None:
-            return f"the scores pass through `{_describe(x)}`, which is not a scale, mask or cast"
+            return _score_chain(m, x, post_scale, factors)
         name = call.name
 
         def term(node: Any, kind: str, coef: float = 1.0, fill: float = float("-inf"), first: float = 1.0) -> None:
@@ -243,6 +249,9 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
             lead = _lead(call.get("input"))
             x = call.get("input")
             continue
+        if name in ("mul", "div", "add", "sub") and _both_scores(m, call):
+            # s * sigmoid(s), s + f(s): one element-wise chain over the scores
+            return _score_chain(m, x, post_scale, factors)
         if name in ("mul", "div"):
             a, b = call.get("input"), call.get("other")
             chain, factor = (a, b) if a is _prev(x, a, b) else (b, a)
@@ -309,7 +318,31 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
                 continue
             return (f"torch.where on the scores is not a mask (needs a fill of -inf, or <= {NEG_THRESHOLD:g} that "
                     f"stays <= {SCALED_MASK_LIMIT:g} once scaled by {post_scale:g})")
-        return f"the scores pass through `{name}` ({_describe(x)}), which is not elementwise scale/mask"
+        return _score_chain(m, x, post_scale, factors)
+
+
+def _both_scores(m: Match, call: Call) -> bool:
+    """Do both operands of the binary op ``call`` read the scores?"""
+    from .terms import find_root
+
+    qk = tuple(m.scores_shape[-2:])
+    return all(isinstance(x, Node) and find_root(x, qk)[0] is not None for x in (call.get("input"), call.get("other")))
+
+
+def _score_chain(m: Match, top: Node, post_scale: float, factors: tuple) -> Optional[str]:
+    """The scores reach ``top``, an op that is not a scale, mask or cast: read the chain from QK^T
+    up to it as a score modification (``passes.terms``), or say which op is not element-wise."""
+    from .terms import lift_chain
+
+    chain, reason = lift_chain(top, tuple(m.scores_shape[-2:]), len(m.scores_shape), post_scale, factors,
+                               lambda node, path: all(u in path for u in value_users(node)))
+    if chain is None:
+        return reason
+    m.score_mod, m.score_tensors, m.scale, m.scale_nodes = chain.text, chain.captured, chain.scale, ()
+    call = canonical(chain.root)
+    if call.name == "baddbmm":   # its bias is inside the expression
+        call = Call("matmul", {"a": call.get("a"), "b": call.get("b")}, chain.root)
+    return _scores_operands(m, call)
 
 
 _CHAIN_OPS = ("matmul", "einsum", "baddbmm", "mul", "div", "add", "sub", "masked_fill", "where", "reshape") + _PASS_THROUGH

@@ -29,15 +29,17 @@ def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params:
         q = b.call(operator.mul if how == "mul" else operator.truediv, q, factor)
     k, v = _operand(b, m.k, rank), _operand(b, m.v, rank)
     dead_rows = plan.dead_rows
+    # the score modification: its tensors are read at site indices, so they need no view
+    mods = (m.score_mod, list(m.score_tensors), int(m.window[0]), int(m.window[1]))
     if declared_causal and plan.kind == "general":
         mask, is_causal, dead_rows = None, True, ""
     else:
         mask, is_causal = _mask(b, m, plan, rank), plan.causal
     if route_key is not None:
-        out = b.call(ROUTED_OP, q, k, v, mask, float(m.scale), bool(is_causal), route_key, dead_rows)
+        out = b.call(ROUTED_OP, q, k, v, mask, float(m.scale), bool(is_causal), route_key, dead_rows, *mods)
     else:
         out = b.call(op_for(method), q, k, v, mask, float(m.scale), bool(is_causal), int(min_seq_len), impl,
-                     dead_rows, *op_args(method, params))
+                     dead_rows, *mods, *op_args(method, params))
     out_val = example(m.output)
     if rank == 4 and out_val is not None and out_val.dim() == 3:
         out = b.call(torch.flatten, out, 0, 1)   # the P V product was taken in a [B*H, ..] view

@@ -21,6 +21,7 @@ comparisons, ``and or not`` (element-wise). Every evaluator (``evaluate.py`` in 
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Union
@@ -186,6 +187,8 @@ def children(tree: Node) -> tuple:
 def unparse(tree: Node) -> str:
     """Canonical text of a tree (``parse(unparse(t)) == t``)."""
     if isinstance(tree, Const):
+        if isinstance(tree.value, float) and math.isinf(tree.value):
+            return "1e999" if tree.value > 0 else "(-1e999)"   # parses back to +-inf
         return repr(tree.value)
     if isinstance(tree, Var):
         return tree.name

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import Method
-from .torch import sdpa
+from ..base import NO_MODS, Method
+from .torch import exact_forward, sdpa
 
-__all__ = ["ExactParams", "ExactMethod", "sdpa"]
+__all__ = ["ExactParams", "ExactMethod", "exact_forward", "sdpa"]
 
 
 @dataclass(frozen=True)
@@ -16,12 +16,13 @@ class ExactParams:
 
 
 class ExactMethod(Method):
-    """``F.scaled_dot_product_attention`` with GQA and causal+mask combined. It has no Triton
-    module: SDPA brings its own fused kernels on every device."""
+    """``F.scaled_dot_product_attention`` with GQA and causal+mask combined, and every score
+    modification applied exactly. It has no Triton module: SDPA brings its own fused kernels on
+    every device."""
 
     name = "exact"
     Params = ExactParams
     description = "exact softmax attention (SDPA)"
 
-    def forward(self, q, k, v, attn_mask, scale, is_causal, params):
-        return sdpa(q, k, v, attn_mask, scale, is_causal)
+    def forward(self, q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS):
+        return exact_forward(q, k, v, attn_mask, scale, is_causal, mods)

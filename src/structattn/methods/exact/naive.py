@@ -9,11 +9,12 @@ import torch
 from ..common import MASKED, as_4d
 
 
-def dense_attention(q, k, v, attn_mask=None, scale=None, is_causal=False) -> torch.Tensor:
-    """softmax(scale * q k^T + mask) v in float64; rows with no unmasked key give 0.
+def dense_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, mods=None) -> torch.Tensor:
+    """softmax(score_mod(scale * q k^T) + mask) v in float64; rows with no unmasked key give 0.
 
     q [B,H,Nq,D], k/v [B,Hk,Nk,*] (GQA by repetition), mask bool (True keep) or additive float of
-    any rank that broadcasts to [B, H, Nq, Nk], ``is_causal`` top-left aligned.
+    any rank that broadcasts to [B, H, Nq, Nk], ``is_causal`` top-left aligned, ``mods`` a
+    ``ScoreMods`` (the expression on the scaled scores, the window a hard mask).
     """
     q, k, v = q.double(), k.double(), v.double()
     B, H, Nq, D = q.shape
@@ -22,11 +23,15 @@ def dense_attention(q, k, v, attn_mask=None, scale=None, is_causal=False) -> tor
     v = v.repeat_interleave(G, dim=1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s = scale * q @ k.transpose(-1, -2)
+    if mods is not None and mods.text:
+        s = mods.logits_grid(s, torch.arange(Nq)).double()
     if attn_mask is not None:
         m = as_4d(attn_mask)
         s = s.masked_fill(~m, MASKED) if m.dtype == torch.bool else s + m.double()
     if is_causal:
         s = s.masked_fill(torch.ones(Nq, k.shape[2], dtype=torch.bool).tril().logical_not(), MASKED)
+    if mods is not None and mods.windowed:
+        s = s.masked_fill(~mods.window_keep(torch.arange(Nq), torch.arange(k.shape[2])), MASKED)
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
@@ -34,6 +39,6 @@ def dense_attention(q, k, v, attn_mask=None, scale=None, is_causal=False) -> tor
     return (e / torch.where(z > 0, z, torch.ones_like(z))) @ v
 
 
-def forward(q, k, v, attn_mask, scale, is_causal, params) -> torch.Tensor:
+def forward(q, k, v, attn_mask, scale, is_causal, params, mods=None) -> torch.Tensor:
     """``dense_attention`` with the signature of ``Method.forward``."""
-    return dense_attention(q, k, v, attn_mask, scale, is_causal)
+    return dense_attention(q, k, v, attn_mask, scale, is_causal, mods)

@@ -1,5 +1,5 @@
 """Exact attention through PyTorch's SDPA, with the op contract's extras (GQA, a mask together
-with ``is_causal``, masks of fewer than 4 dims)."""
+with ``is_causal``, masks of fewer than 4 dims), and a chunked math path for score modifications."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..common import as_4d, as_additive, causal_keep
+from ...scoremod.analysis import additive_tensor
+from ..base import NO_MODS, ScoreMods
+from ..common import MASKED, as_4d, as_additive, causal_keep, compute_dtype, key_range, safe_softmax, sizes
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -100,3 +102,79 @@ def _causal_key_padding(q, k, v, attn_mask, scale, gqa) -> Optional[torch.Tensor
             # queries past the last kept key see every kept key
             out[sl, :, stop:] = F.scaled_dot_product_attention(q[sl, :, stop:], ks, vs, **kw)
     return out
+
+
+#: most score entries one chunk of the math path materialises
+CHUNK_ELEMS = 1 << 22
+
+
+def exact_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  scale: float, is_causal: bool, mods: ScoreMods = NO_MODS) -> torch.Tensor:
+    """Exact attention with score modifications (docs/methods/exact.md).
+
+    Without modifications: ``sdpa``. A score_mod that only adds a tensor read at the site's own
+    index (``s + t0[b, h, q, k]``, a bias the model already materialised) joins the mask of one
+    SDPA call. Anything else, and every sliding window, runs ``chunked_attention``: per chunk of
+    query rows, only the keys its queries can see (the window's band), logits made by the
+    expression, a softmax and P V.
+    """
+    if mods.empty:
+        return sdpa(q, k, v, attn_mask, scale, is_causal)
+    found = additive_tensor(mods.text)
+    if found is not None and not mods.windowed:
+        bias = as_4d(mods.tensors[found[0]])
+        return sdpa(q, k, v, _with_bias(attn_mask, bias, q.dtype), scale, is_causal)
+    return chunked_attention(q, k, v, attn_mask, scale, is_causal, mods)
+
+
+def _with_bias(attn_mask: Optional[torch.Tensor], bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``attn_mask`` (bool keep or additive) plus an additive ``bias``, as one additive mask."""
+    bias = bias.to(compute_dtype(dtype))
+    if attn_mask is None:
+        return bias
+    m = as_4d(attn_mask)
+    if m.dtype == torch.bool:
+        return bias.masked_fill(~m, MASKED)
+    return m.to(bias.dtype) + bias
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                      scale: float, is_causal: bool, mods: ScoreMods) -> torch.Tensor:
+    """Exact attention computed chunk by chunk of query rows over each chunk's key band, with the
+    score modification applied to the scores (rows of no finite logit give 0). Differentiable."""
+    B, H, Hk, Nq, Nk, D, Dv, G = sizes(q, k, v)
+    cdt = compute_dtype(q.dtype)
+    dev = q.device
+    mask4 = None if attn_mask is None else as_4d(attn_mask)
+    left = mods.window_left if mods.window_left >= 0 else Nk
+    right = 0 if is_causal else (mods.window_right if mods.window_right >= 0 else Nk)
+    band = min(Nk, left + right + 1)
+    rows = max(1, min(Nq, CHUNK_ELEMS // max(1, B * H * band)))
+    k5, v5 = k.unsqueeze(2), v.unsqueeze(2)                                  # [B, Hk, 1, Nk, *]
+    parts = []
+    for q0 in range(0, Nq, rows):
+        q1 = min(q0 + rows, Nq)
+        lo, hi = key_range(q0, q1, Nk, is_causal, mods)
+        c = q1 - q0
+        if hi <= lo:
+            parts.append(q.new_zeros(B, H, c, Dv, dtype=cdt))
+            continue
+        qc = q[:, :, q0:q1].to(cdt).reshape(B, Hk, G, c, D)
+        s = (qc * scale) @ k5[:, :, :, lo:hi].to(cdt).transpose(-1, -2)        # [B, Hk, G, c, n]
+        s = s.reshape(B, H, c, hi - lo)
+        qpos = torch.arange(q0, q1, device=dev)
+        kpos = torch.arange(lo, hi, device=dev)
+        s = mods.logits_grid(s, qpos, kpos)
+        if mask4 is not None:
+            m = mask4[..., q0:q1, lo:hi] if mask4.shape[-2] != 1 else mask4[..., lo:hi]
+            s = s.masked_fill(~m, MASKED) if m.dtype == torch.bool else s + m.to(cdt)
+        keep = mods.window_keep(qpos, kpos)
+        if is_causal:
+            causal = kpos.view(1, -1) <= qpos.view(-1, 1)
+            keep = causal if keep is None else keep & causal
+        if keep is not None:
+            s = s.masked_fill(~keep, MASKED)
+        p = safe_softmax(s).reshape(B, Hk, G, c, hi - lo)
+        parts.append((p @ v5[:, :, :, lo:hi].to(cdt)).reshape(B, H, c, Dv))
+    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    return out.to(q.dtype)

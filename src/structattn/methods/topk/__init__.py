@@ -2,7 +2,8 @@
 
 Scores stay dense (no FLOP saving: ``saves = "memory"``), but no N x N matrix is ever held: the
 torch path scores ``chunk_size`` query rows at a time, the Triton kernel a tile at a time. Exact
-for ``k >= Nk``; every mask kind (bool, additive, ``is_causal``, general [Q, K]). Decisions:
+for ``k >= Nk``; every mask kind (bool, additive, ``is_causal``, general [Q, K]) and every score
+modification, applied exactly before the ranking. Decisions:
 docs/methods/topk.md. Paths: ``torch.py`` (CPU, autograd), ``triton.py`` (CUDA), ``naive.py``.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..base import Method, SiteShape
+from ..base import NO_MODS, Method, SiteShape
 from ..common import Dim, sym_min
 
 __all__ = ["TopkParams", "TopkMethod", "topk_flops", "topk_forward", "topk_pieces"]
@@ -46,8 +47,8 @@ class TopkMethod(Method):
     def supports(self, site: SiteShape, params: TopkParams) -> Optional[str]:
         return None
 
-    def forward(self, q, k, v, attn_mask, scale, is_causal, params):
-        return topk_forward(q, k, v, attn_mask, scale, is_causal, params)
+    def forward(self, q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS):
+        return topk_forward(q, k, v, attn_mask, scale, is_causal, params, mods)
 
     def flops(self, site: SiteShape, params: TopkParams) -> Dim:
         return topk_flops(site, params)

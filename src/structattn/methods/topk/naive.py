@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def topk_attention(q, k, v, attn_mask, scale, causal, kk) -> torch.Tensor:
-    """q [B,H,Nq,D], k/v [B,Hk,Nk,*] (GQA), any SDPA mask, ``causal`` top-left; ``kk`` keys per row."""
+def topk_attention(q, k, v, attn_mask, scale, causal, kk, mods=None) -> torch.Tensor:
+    """q [B,H,Nq,D], k/v [B,Hk,Nk,*] (GQA), any SDPA mask, ``causal`` top-left; ``kk`` keys per row;
+    ``mods`` (a ``ScoreMods``): the expression makes each row's logits, the window masks."""
     B, H, Nq, _ = q.shape
     G = H // k.shape[1]
     Nk = k.shape[2]
@@ -18,6 +19,10 @@ def topk_attention(q, k, v, attn_mask, scale, causal, kk) -> torch.Tensor:
         for h in range(H):
             for n in range(Nq):
                 s = scale * k[b, h // G].double() @ q[b, h, n].double()
+                if mods is not None and mods.text:
+                    s = mods.logits(s, b=b, h=h, q=n, k=torch.arange(Nk)).double()
+                if mods is not None and mods.windowed:
+                    s = s.masked_fill(~mods.window_keep(torch.tensor([n]), torch.arange(Nk))[0], float("-inf"))
                 if mask is not None:
                     mm = mask[b, h, n]
                     s = s.masked_fill(~mm, float("-inf")) if mm.dtype == torch.bool else s + mm.double()
@@ -31,6 +36,6 @@ def topk_attention(q, k, v, attn_mask, scale, causal, kk) -> torch.Tensor:
     return out
 
 
-def forward(q, k, v, attn_mask, scale, is_causal, params) -> torch.Tensor:
+def forward(q, k, v, attn_mask, scale, is_causal, params, mods=None) -> torch.Tensor:
     """``topk_attention`` with the signature of ``Method.forward``."""
-    return topk_attention(q, k, v, attn_mask, scale, is_causal, params.k)
+    return topk_attention(q, k, v, attn_mask, scale, is_causal, params.k, mods)

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from ..base import empty_result
-from ..common import MASKED, as_4d, compute_dtype, safe_softmax, sizes
+from ..base import NO_MODS, ScoreMods, empty_result
+from ..common import MASKED, as_4d, compute_dtype, key_range, safe_softmax, sizes
 from . import TopkParams
 
 
@@ -24,8 +24,10 @@ def topk_pieces(n_kv_heads: int, group: int, nq: int, chunk_size: int) -> tuple[
 
 
 def topk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                 scale: float, is_causal: bool, params: TopkParams) -> torch.Tensor:
-    """Top-k attention on q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv] -> [B,H,Nq,Dv]."""
+                 scale: float, is_causal: bool, params: TopkParams, mods: ScoreMods = NO_MODS) -> torch.Tensor:
+    """Top-k attention on q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv] -> [B,H,Nq,Dv]; the score
+    modification makes the logits that are ranked and softmaxed, the window masks like
+    ``is_causal`` (a chunk scores only the keys its queries can see)."""
     empty = empty_result(q, k, v)
     if empty is not None:
         return empty
@@ -51,25 +53,39 @@ def topk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: O
         v_flat = vf[h0:h1].to(cdt).reshape(n * Nk, Dv)
         base = (torch.arange(n, device=dev) * Nk).view(n, 1, 1, 1)
         fh = torch.arange(h0, h1, device=dev)
+        heads = None
+        if mods.text:   # batch and query head of every [n, G] slice, for the expression
+            heads = dict(b=(fh // Hk).view(n, 1, 1, 1),
+                         h=((fh % Hk) * G).view(n, 1, 1, 1) + torch.arange(G, device=dev).view(1, G, 1, 1))
         parts = []
         for q0 in range(0, Nq, q_per):
             q1 = min(q0 + q_per, Nq)
-            # causal (top-left): queries q0..q1-1 see no key at or after q1, so those are not scored
-            nk = min(q1, Nk) if is_causal else Nk
-            s = (qf[h0:h1, :, q0:q1].to(cdt) * scale) @ kT[..., :nk]       # [n, G, c, nk]
+            # keys lo..hi-1: those the chunk's queries can see (causal: none at or after q1; window)
+            lo, hi = key_range(q0, q1, Nk, is_causal, mods)
+            c = q1 - q0
+            if hi == lo:
+                parts.append(q.new_zeros(n, G, c, Dv, dtype=cdt))
+                continue
+            s = (qf[h0:h1, :, q0:q1].to(cdt) * scale) @ kT[..., lo:hi]     # [n, G, c, nk]
+            qpos, kpos = torch.arange(q0, q1, device=dev), torch.arange(lo, hi, device=dev)
+            if heads is not None:
+                s = mods.logits(s, q=qpos.view(1, 1, c, 1), k=kpos.view(1, 1, 1, -1), **heads)
             if mask5 is not None:
-                mp = mask5[:, :, :, q0:q1, :nk][fh // Hk, fh % Hk]          # [n, G, c, nk]
+                mp = mask5[:, :, :, q0:q1, lo:hi][fh // Hk, fh % Hk]        # [n, G, c, nk]
                 if mp.dtype == torch.bool:
                     s = s.masked_fill(~mp, MASKED)
                 else:
                     s = s + mp.to(cdt)
+            keep = mods.window_keep(qpos, kpos)
             if is_causal:
-                qpos = torch.arange(q0, q1, device=dev).unsqueeze(-1)
-                s = s.masked_fill(torch.arange(nk, device=dev) > qpos, MASKED)
-            vals, idx = torch.topk(s, min(kk, nk), dim=-1, sorted=False)    # [n, G, c, <=kk]
+                causal = kpos.view(1, -1) <= qpos.view(-1, 1)
+                keep = causal if keep is None else keep & causal
+            if keep is not None:
+                s = s.masked_fill(~keep, MASKED)
+            vals, idx = torch.topk(s, min(kk, hi - lo), dim=-1, sorted=False)  # [n, G, c, <=kk]
             del s
             w = safe_softmax(vals)
-            v_sel = v_flat.index_select(0, (idx + base).reshape(-1)).view(*idx.shape, Dv)  # [n, G, c, kk, Dv]
+            v_sel = v_flat.index_select(0, (idx + base + lo).reshape(-1)).view(*idx.shape, Dv)  # [n, G, c, kk, Dv]
             parts.append((w.unsqueeze(-2) @ v_sel).squeeze(-2))            # [n, G, c, Dv]
         outs.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]

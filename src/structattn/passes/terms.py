@@ -1,0 +1,395 @@
+"""Score terms from the graph: the element-wise chain between QK^T and softmax as one expression.
+
+The matcher (``match._walk_scores``) walks from the softmax back to QK^T through scales, masks and
+casts. When it meets an op that is none of those (``tanh`` of Gemma-2's soft-capping, any unseen
+element-wise composition), ``lift_chain`` reads the rest of the chain, down to the QK^T product,
+as a ``scoremod`` expression over the score ``s`` and the positions (b, h, q, k): the FX ops
+become expression nodes by the rules of ``passes.lift`` (a table keyed by the canonical op name),
+the QK^T product becomes ``s``, tensors the chain reads (slopes, bias tables, per-head factors)
+are captured. ``fold_scale`` moves a constant factor that multiplies every ``s`` into the op's
+``scale``. Additive mask terms that are biases rather than masks (``bias_mods``) join the
+expression too, so methods see a key-only / relative bias instead of a general mask.
+
+What the terms ARE (Scale, Mask, Bias, Softcap, ScoreMod) is read off the final expression by the
+rule table in ``scoremod.terms``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch.fx import Node
+
+from ..scoremod import expr as E
+from ..scoremod.analysis import bias_form
+from ..scoremod.expr import MAX_TENSORS
+from .lift import _Lifter, simplify
+from .table import canonical, constant_number, example
+
+#: QK^T: the ops that make the raw scores
+_QK = ("matmul", "einsum", "baddbmm")
+
+
+@dataclass
+class Chain:
+    """The lifted chain: ``text`` maps the scaled score ``s`` (``scale * q.k``) of the QK^T node
+    ``root`` to the value of the chain's top node; it reads ``captured`` as t0, t1, ..."""
+
+    root: Node
+    text: str
+    scale: float
+    captured: list = field(default_factory=list)
+
+
+class _ChainLifter(_Lifter):
+    """``passes.lift``'s rules, with the QK^T node read as ``s`` and nothing else that depends
+    on it captured (that would keep the N x N scores alive): ``failed`` names the op then."""
+
+    def __init__(self, root: Node, scores: set):
+        super().__init__(max_nodes=400)
+        self.root = root
+        self.scores = scores
+        self.failed: Optional[Node] = None
+
+    def lift(self, node: Any):
+        if node is self.root:
+            return self._root()
+        return super().lift(node)
+
+    def _root(self):
+        call = canonical(self.root)
+        if call.name != "baddbmm":
+            return lambda idx: E.Var("s")
+        # beta * bias + alpha * (a @ b)
+        alpha, beta = constant_number(call.get("alpha", 1.0)), constant_number(call.get("beta", 1.0))
+        if alpha is None or beta is None:
+            self.failed = self.root
+            return None
+        bias = self.operand(call.get("bias")) if isinstance(call.get("bias"), Node) and beta != 0 else None
+
+        def read(idx):
+            s = E.BinOp("*", E.Const(float(alpha)), E.Var("s"))
+            return s if bias is None else E.BinOp("+", E.BinOp("*", E.Const(float(beta)), bias(idx)), s)
+        return read
+
+    def capture(self, node: Node):
+        if node in self.scores:
+            self.failed = self.failed or node
+            return None
+        return super().capture(node)
+
+
+def find_root(top: Node, qk: tuple, depth: int = 64) -> tuple[Optional[Node], set]:
+    """The one QK^T node (a matmul / einsum / baddbmm whose last two dims are the scores' ``qk``)
+    that ``top`` is computed from, and the nodes on the way (``top`` included); (None, ..) when
+    there is none or more than one."""
+    roots: list = []
+    on_path: dict = {}
+
+    def visit(node: Any, d: int) -> bool:
+        if not isinstance(node, Node):
+            return False
+        if node in on_path:
+            return on_path[node]
+        call = canonical(node)
+        val = example(node)
+        if call is not None and call.name in _QK and val is not None and val.dim() >= 2 \
+                and tuple(val.shape[-2:]) == tuple(qk):
+            roots.append(node)
+            on_path[node] = True
+            return True
+        found = False
+        if d > 0:
+            for arg in node.all_input_nodes:
+                found = visit(arg, d - 1) or found
+        on_path[node] = found
+        return found
+
+    visit(top, depth)
+    unique = list(dict.fromkeys(roots))
+    if len(unique) != 1:
+        return None, set()
+    return unique[0], {n for n, hit in on_path.items() if hit}
+
+
+def lift_chain(top: Node, qk: tuple, site_rank: int, post_scale: float, factors: tuple,
+               users_ok) -> tuple[Optional[Chain], Optional[str]]:
+    """The chain from QK^T up to ``top`` (then times ``post_scale`` and the graph-computed
+    ``factors`` applied after it) as a ``Chain``, or (None, reason naming the op that is not
+    element-wise). ``users_ok(node, path)`` says whether every value user of a chain node lies on
+    the chain (else the scores escape and cannot be replaced)."""
+    root, path = find_root(top, qk)
+    if root is None:
+        return None, f"the scores pass through `{_op_name(top)}` and the chain below it does not lead to one QK^T product"
+    for node in path:
+        if node is not top and not users_ok(node, path):
+            return None, f"the scores at `{node.name}` ({_op_name(node)}) have users outside the attention"
+    lifter = _ChainLifter(root, path)
+    fn = lifter.lift(top)
+    if fn is None or lifter.failed is not None:
+        bad = lifter.failed if lifter.failed is not None else top
+        return None, (f"the scores pass through `{_op_name(bad)}`, which is not an element-wise op of the score "
+                      f"language (scale, mask, bias, tanh soft-capping, exp/log/abs/min/max/where ...)")
+    val = example(top)
+    names = ["b", "h", "q", "k"][4 - val.dim():]
+    idx = [E.Const(0) if s == 1 else E.Var(n) for s, n in zip(val.shape, names)]
+    tree = fn(idx)
+    for factor, how in factors:
+        f = lifter.operand(factor)
+        if f is None or lifter.failed is not None:
+            return None, f"a scale `{_op_name(factor)}` computed in the graph after the score modification"
+        tree = E.BinOp("*" if how == "mul" else "/", tree, f(idx))
+    if post_scale != 1.0:
+        tree = E.BinOp("*", tree, E.Const(float(post_scale)))
+    if len(lifter.captured) > MAX_TENSORS:
+        return None, f"the score modification reads {len(lifter.captured)} tensors (at most {MAX_TENSORS})"
+    tree, scale = fold_scale(simplify(tree))
+    return Chain(root, E.unparse(tree), scale, list(lifter.captured)), None
+
+
+def fold_scale(tree: E.Node) -> tuple[E.Node, float]:
+    """``(tree', c)`` with ``tree`` == ``tree'`` evaluated at ``s = c * s``: when every read of
+    ``s`` is ``s * c`` / ``c * s`` / ``s / (1/c)`` with one constant ``c > 0``, those become
+    ``s`` (the op's ``scale`` takes ``c``); else ``(tree, 1.0)``."""
+    found: set = set()
+
+    def scan(t: E.Node) -> bool:
+        c = _scaled_s(t)
+        if c is not None:
+            found.add(c)
+            return True
+        if isinstance(t, E.Var) and t.name == "s":
+            return False
+        return all(scan(x) for x in E.children(t))
+
+    if not scan(tree) or len(found) != 1:
+        return tree, 1.0
+    c = found.pop()
+    if not c > 0:
+        return tree, 1.0
+
+    def swap(t: E.Node) -> E.Node:
+        if _scaled_s(t) is not None:
+            return E.Var("s")
+        if isinstance(t, E.BinOp):
+            return E.BinOp(t.op, swap(t.left), swap(t.right))
+        if isinstance(t, E.Call):
+            return E.Call(t.fn, tuple(swap(a) for a in t.args))
+        if isinstance(t, E.Neg):
+            return E.Neg(swap(t.value))
+        if isinstance(t, E.Not):
+            return E.Not(swap(t.value))
+        if isinstance(t, E.BoolOp):
+            return E.BoolOp(t.op, tuple(swap(v) for v in t.values))
+        if isinstance(t, E.Load):
+            return E.Load(t.index, tuple(swap(i) for i in t.at))
+        return t
+    return swap(tree), c
+
+
+def _scaled_s(t: E.Node) -> Optional[float]:
+    if not isinstance(t, E.BinOp) or t.op not in ("*", "/"):
+        return None
+    for s, c in ((t.left, t.right), (t.right, t.left) if t.op == "*" else (None, None)):
+        if isinstance(s, E.Var) and s.name == "s" and isinstance(c, E.Const) and float(c.value) != 0:
+            return float(c.value) if t.op == "*" else 1.0 / float(c.value)
+    return None
+
+
+def lift_bias(node: Node, coef: float, site_rank: int, first_index: int) -> Optional[tuple[str, list]]:
+    """An additive mask term ``coef * node`` as an expression whose captured tensors are numbered
+    from ``first_index``: (text, captured nodes), or None when its producer graph cannot be read."""
+    lifter = _Lifter(max_nodes=400)
+    fn = lifter.lift(node)
+    val = example(node)
+    if fn is None or val is None or val.dim() > site_rank:
+        return None
+    names = ["b", "h", "q", "k"][4 - val.dim():]
+    tree = fn([E.Const(0) if s == 1 else E.Var(n) for s, n in zip(val.shape, names)])
+    if coef != 1.0:
+        tree = E.BinOp("*", E.Const(float(coef)), tree)
+    tree = _renumber(simplify(tree), first_index)
+    return E.unparse(tree), list(lifter.captured)
+
+
+def _renumber(t: E.Node, offset: int) -> E.Node:
+    if offset == 0:
+        return t
+    if isinstance(t, E.Load):
+        return E.Load(t.index + offset, tuple(_renumber(i, offset) for i in t.at))
+    if isinstance(t, E.BinOp):
+        return E.BinOp(t.op, _renumber(t.left, offset), _renumber(t.right, offset))
+    if isinstance(t, E.Call):
+        return E.Call(t.fn, tuple(_renumber(a, offset) for a in t.args))
+    if isinstance(t, E.Neg):
+        return E.Neg(_renumber(t.value, offset))
+    if isinstance(t, E.Not):
+        return E.Not(_renumber(t.value, offset))
+    if isinstance(t, E.BoolOp):
+        return E.BoolOp(t.op, tuple(_renumber(v, offset) for v in t.values))
+    return t
+
+
+def _op_name(node: Any) -> str:
+    if not isinstance(node, Node):
+        return repr(node)
+    call = canonical(node)
+    if call is not None:
+        return call.name
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return str(target)
+
+
+def biases_into_mod(m, plan):
+    """``plan`` (a ``masks.MaskPlan``) with the additive terms of a general mask moved into the
+    site's score modification ``m.score_mod`` when their producer graphs lift to expressions over
+    positions (ALiBi, T5 buckets, Swin tables): methods then see a key-only / relative bias, not
+    a general [Q, K] mask. Done only where it is exact: every moved term is plain ``coef * tensor``
+    added in the site's own view, and what stays in the mask masks with -inf (no dead-row
+    program), so adding the bias before or after the mask gives eager's logits. A general bias
+    (one that reads q and k other than through k - q, or a tensor read at its own index) stays in
+    the mask: as an expression it would gain no method anything."""
+    from .masks import plan_mask
+
+    if plan.kind != "general" or plan.reason is not None:
+        return plan
+    additive = [t for t in plan.general if t.kind == "additive"]
+    if not additive or any(t.factors or t.lead is not None for t in additive):
+        return plan
+    rank = len(m.scores_shape)
+    texts, captured = [], list(m.score_tensors)
+    for t in additive:
+        lifted = lift_bias(t.node, t.coef, rank, len(captured))
+        if lifted is None or _bare_load(lifted[0]) or bias_form(E.parse(lifted[0])) == "general":
+            return plan
+        texts.append(lifted[0])
+        captured += lifted[1]
+    if len(captured) > MAX_TENSORS:
+        return plan
+    rest = [t for t in plan.general if t.kind != "additive"]
+    qk = tuple(m.scores_shape[-2:])
+    new = plan_mask(rest, m.is_causal, qk)
+    if new.reason is not None or new.dead_rows:
+        return plan
+    core = m.score_mod or "s"
+    m.score_mod = E.unparse(E.parse(" + ".join([f"({core})"] + [f"({x})" for x in texts])))
+    m.score_tensors = captured
+    m.masks = rest
+    return new
+
+
+def _bare_load(text: str) -> bool:
+    """A tensor read at its own index (times a constant): a materialised mask, not a bias made
+    from positions."""
+    tree = E.parse(text)
+    if isinstance(tree, E.BinOp) and tree.op == "*" and isinstance(tree.left, E.Const):
+        tree = tree.right
+    return isinstance(tree, E.Load) and all(isinstance(i, (E.Var, E.Const)) for i in tree.at)
+
+
+def site_terms(m, mask_kind: str, plan=None) -> tuple:
+    """The site's terms in eager's order: a per-head scale, the score modification's terms
+    (``scoremod.terms.terms_of``: bias, soft-cap, other chains, the window), a key bias the mask
+    plan carries as an additive key-padding term (BLOOM's ALiBi), then the mask."""
+    from ..scoremod.terms import Bias, Mask, Scale, terms_of
+    from .masks import _term_steps
+
+    out: list = []
+    if m.scale_nodes:
+        out.append(Scale("per-head"))
+    out.extend(terms_of(m.score_mod, *m.window))
+    if plan is not None and any(t.kind == "additive" and any(st.op == "bias" for st in (_term_steps(t) or ()))
+                                for t in plan.keypad):
+        out.append(Bias("key_only"))
+    masks = {"causal": ("causal",), "key_padding": ("key_padding",), "causal+key_padding": ("causal", "key_padding"),
+             "general": ("general",)}.get(mask_kind, ())
+    out.extend(Mask(kind) for kind in masks)
+    return tuple(out)
+
+
+def implied_window(plan) -> tuple[int, int]:
+    """A sliding window ``(left, right)`` (-1 = unbounded) that a general mask implies: every term
+    whose producer graph lifts to ``where(C, 0, fill)`` (additive, fill <= -1e4) or to a keep
+    condition ``C``, with ``C`` a conjunction holding a comparison of ``k - q`` with a constant
+    (Mistral's and Gemma-2's ``kv_idx > q_idx - w``). The mask stays: the window only tells the
+    methods which keys can be skipped, so it never changes a logit. (-1, -1) when none is found."""
+    from .masks import NEG_THRESHOLD
+
+    lo, hi = None, None
+    for t in plan.general:
+        lifted = lift_bias(t.node, 1.0, 4, 0) if t.kind != "masked" else None
+        if lifted is None:
+            continue
+        tree = E.parse(lifted[0])
+        if t.kind == "additive":
+            if not (isinstance(tree, E.Call) and tree.fn == "where" and tree.args[1] == E.Const(0)
+                    and _number(tree.args[2]) is not None and _number(tree.args[2]) <= NEG_THRESHOLD):
+                continue
+            tree = tree.args[0]
+        for c in _conjuncts(tree):
+            bound = _difference_bound(c)
+            if bound is not None:
+                side, value = bound
+                if side == "lo":
+                    lo = value if lo is None else max(lo, value)
+                else:
+                    hi = value if hi is None else min(hi, value)
+    left = -lo if lo is not None and lo <= 0 else -1
+    right = hi if hi is not None and hi >= 0 else -1
+    return (left, right) if left >= 0 else (-1, -1)
+
+
+def _number(tree: E.Node) -> Optional[float]:
+    if isinstance(tree, E.Const):
+        return float(tree.value)
+    if isinstance(tree, E.Neg) and isinstance(tree.value, E.Const):
+        return -float(tree.value.value)
+    return None
+
+
+def _conjuncts(tree: E.Node) -> list:
+    if isinstance(tree, E.BoolOp) and tree.op == "and":
+        return [c for v in tree.values for c in _conjuncts(v)]
+    return [tree]
+
+
+def _linear(tree: E.Node) -> Optional[dict]:
+    """``tree`` as {"q": a, "k": b, "": c} (a q + b k + c), or None when it is not linear in
+    q and k with integer constants."""
+    if isinstance(tree, E.Const) and isinstance(tree.value, int) and not isinstance(tree.value, bool):
+        return {"": tree.value}
+    if isinstance(tree, E.Var) and tree.name in ("q", "k"):
+        return {tree.name: 1}
+    if isinstance(tree, E.Neg):
+        inner = _linear(tree.value)
+        return None if inner is None else {n: -c for n, c in inner.items()}
+    if isinstance(tree, E.BinOp) and tree.op in ("+", "-"):
+        a, c = _linear(tree.left), _linear(tree.right)
+        if a is None or c is None:
+            return None
+        sign = 1 if tree.op == "+" else -1
+        return {n: a.get(n, 0) + sign * c.get(n, 0) for n in set(a) | set(c)}
+    return None
+
+
+def _difference_bound(tree: E.Node) -> Optional[tuple[str, int]]:
+    """A comparison that bounds d = k - q: ("lo", L) for d >= L, ("hi", H) for d <= H."""
+    if not (isinstance(tree, E.BinOp) and tree.op in ("<", "<=", ">", ">=")):
+        return None
+    a, c = _linear(tree.left), _linear(tree.right)
+    if a is None or c is None:
+        return None
+    diff = {n: a.get(n, 0) - c.get(n, 0) for n in set(a) | set(c)}   # diff OP 0
+    kq = diff.get("k", 0)
+    if kq not in (1, -1) or diff.get("q", 0) != -kq:
+        return None
+    const = diff.get("", 0) * kq                                        # kq * diff = d + const
+    op = tree.op if kq == 1 else {"<": ">", "<=": ">=", ">": "<", ">=": "<="}[tree.op]
+    # d + const OP 0
+    if op == ">":
+        return "lo", -const + 1
+    if op == ">=":
+        return "lo", -const
+    if op == "<":
+        return "hi", -const - 1
+    return "hi", -const
