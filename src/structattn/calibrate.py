@@ -242,7 +242,8 @@ def default_candidates(method: str, shape: SiteShape) -> list[dict]:
         return [{"k": k, "chunk_size": 1024} for k in ks]
     if method == "exact":
         return []
-    return [{}]
+    own = getattr(REGISTRY.get(method), "candidates", None)    # a method's own grid
+    return own(shape) if own is not None else [{}]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,6 +387,102 @@ def _shape_of(call: _Call, mask_kind: str) -> SiteShape:
                      int(q.shape[3]), int(v.shape[3]), mask_kind, q.dtype)
 
 
+@dataclass
+class Capture:
+    """One exact run of ``model`` compiled with every attention site routed, and what it recorded.
+
+    ``store`` maps each site's route key to its ``_Call``s (q, k, v, mask, scale, is_causal and the
+    exact output, detached); ``outputs`` holds ``on_output(model_output, sample)`` per sample.
+    ``compiled`` stays usable (routes switch what each site computes) until ``release()``, which
+    clears the routes and the recorded calls and resets dynamo.
+    """
+
+    compiled: Callable
+    report: Any
+    store: dict
+    keys: list
+    outputs: list
+
+    def layers(self) -> dict[str, list[str]]:
+        """Layer FQN -> the route keys of its sites (several when graphs differ, e.g. by mask)."""
+        groups: dict[str, list] = {}
+        for s in self.report.sites:
+            if s.route_key is not None:
+                groups.setdefault(s.layer, []).append(s.route_key)
+        return groups
+
+    def masks(self) -> dict[str, str]:
+        """Route key -> the mask kind of that site (a declared causal mask counts as causal)."""
+        return {s.route_key: s.mask.replace(" (declared)", "") for s in self.report.sites if s.route_key is not None}
+
+    def release(self) -> None:
+        from .lowering import routed
+
+        for key in self.keys:
+            routed.route(key, None)
+        self.store.clear()
+        torch._dynamo.reset()
+
+
+def capture_calls(model: Any, samples: list, sample_inputs: Any, capture_opts: dict, *, progress: bool,
+                  on_output: Optional[Callable] = None, stacklevel: int = 2) -> Capture:
+    """Compile ``model`` (dynamo reset first) with ``capture_opts`` (which must route every site:
+    ``"_route": True``) and run it exactly on every normalised sample, recording each site's
+    calls; samples that compile new graphs are run again so that every site is recorded once per
+    call. Warns about sites compiled but never run and unmatched layer globs (``stacklevel`` as in
+    ``warnings.warn`` from this function: 3 points at the caller's caller). The model's mode is the
+    caller's business; call ``Capture.release()`` when done."""
+    from . import backend as _backend
+    from .lowering import routed
+    from .report import Report
+
+    report = Report(options=dict(capture_opts))
+    store: dict[str, list] = {}
+    keys: list[str] = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=_backend.structattn_backend, options=capture_opts)
+    cap = Capture(compiled, report, store, keys, [])
+
+    def capture(key):
+        def fn(q, k, v, mask, scale, is_causal):
+            out = sdpa(q, k, v, mask, scale, is_causal)
+            store.setdefault(key, []).append(_Call(q.detach(), k.detach(), v.detach(),
+                                                   None if mask is None else mask.detach(), float(scale),
+                                                   bool(is_causal), out.detach()))
+            return out
+        return fn
+
+    try:
+        with _backend.collect(report, root=model) as session:
+            with torch.no_grad():
+                for s in _bar(samples, progress, "calibrate: exact run"):
+                    for _attempt in range(3):
+                        before = {key: len(calls) for key, calls in store.items()}
+                        n_keys = len(keys)
+                        out = _run_sample(compiled, s, sample_inputs)
+                        _route_all_new(report, routed, capture, keys)
+                        if len(keys) == n_keys:
+                            break
+                        # graphs compiled during this run had no capture routes yet: drop what this
+                        # run captured and run the sample again with every site routed
+                        for key in list(store):
+                            del store[key][before.get(key, 0):]
+                        del out
+                    else:
+                        raise RuntimeError("calibrate: the model keeps compiling new graphs on the same sample")
+                    cap.outputs.append(on_output(out, s) if on_output is not None else None)
+                    del out
+        _backend.finish_collecting(session, capture_opts, stacklevel=stacklevel)
+    except BaseException:
+        cap.release()
+        raise
+    missing = sorted(s.route_key for s in report.sites if s.route_key and not store.get(s.route_key))
+    if missing:
+        warnings.warn(f"calibrate: sites {missing} were compiled but never ran on the samples; they stay "
+                      f"exact", stacklevel=stacklevel)
+    return cap
+
+
 # ------------------------------------------------------------------------------------------------
 # the entry point
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +500,7 @@ def calibrate(
     max_kv_heads: Optional[int] = None,
     max_evals: Optional[int] = None,
     screen: bool = True,
+    fit_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
     progress: bool = True,
     verbose: bool = True,
 ) -> CalibratedOptions:
@@ -425,6 +523,10 @@ def calibrate(
             minimum >= value), ``"metric"`` (``metric_fn(...) <= value``). The end-to-end keys are
             measured on the whole model.
         methods: method names to try (default ``("monarch", "mra", "topk")``); exact is always allowed.
+            ``"linear"`` fits feature maps per layer on the captured calls (``fit_linear``'s fit,
+            settings from ``options["linear"]``) into the file ``options["linear"]["weights"]``
+            names (required), and is measured like every other candidate: layers where it does not
+            serve the budget keep another method or exact (their maps stay in the file, unused).
         output_fn: ``output_fn(output, sample) -> Tensor`` (``sample`` is the dict / tuple given;
             anything but a tensor is a ValueError),
             what end-to-end budgets compare (e.g. pooled sentence embeddings, or per-token NLL for a
@@ -435,7 +537,8 @@ def calibrate(
             of perplexity).
         options: base backend options (``compiler``, ``min_seq_len``, ``impl``, ``causal``, ``layers``
             for declared-causal rules...). They are used for capture and kept in the result; the
-            calibrated per-layer entries come first in ``"layers"``.
+            calibrated per-layer entries come first in ``"layers"``. Per-method defaults
+            (``options["mra"]`` ...) fill what a candidate leaves unset.
         layers: fnmatch globs of the layers that may be approximated (default: all); others stay exact.
         candidates: per method, a list of parameter dicts or ``fn(SiteShape) -> list of dicts``
             replacing ``default_candidates`` for that method.
@@ -446,6 +549,8 @@ def calibrate(
         screen: with more than 6 candidates for a layer, first measure them all on a small probe
             (the first call, <= 2 kv heads, <= 4 batch items) and measure in full only those within
             1.2x of the probe's Pareto front (a 2-5x saving; ``False`` measures every candidate).
+        fit_options: per method fitted on the samples, settings of its fit, e.g.
+            ``{"linear": {"steps": 100, "feature_map": "hedgehog"}}`` (``fit_linear``'s arguments).
         progress: show tqdm progress bars. verbose: print the summary.
 
     Returns:
@@ -454,10 +559,8 @@ def calibrate(
 
     Calibration resets dynamo (``torch._dynamo.reset()``) before and after, like ``explain``.
     """
-    from . import backend as _backend
     from .lowering import routed
     from .lowering.ops import run_method
-    from .report import Report
 
     t_start = time.time()
     samples = _normalize_samples(sample_inputs)
@@ -484,48 +587,13 @@ def calibrate(
 
     capture_opts = {**copy.deepcopy(base), "_route": True, "method": "exact", "compiler": "eager"}
     restore_training = _set_eval(model)
-    report = Report(options=dict(capture_opts))
-    store: dict[str, list] = {}
-    keys: list[str] = []
+    cap = None
     try:
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend=_backend.structattn_backend, options=capture_opts)
-
         # ---- 1. capture: one exact run per sample, every site's inputs and output recorded --------
-        def capture(key):
-            def fn(q, k, v, mask, scale, is_causal):
-                out = sdpa(q, k, v, mask, scale, is_causal)
-                store.setdefault(key, []).append(_Call(q.detach(), k.detach(), v.detach(),
-                                                       None if mask is None else mask.detach(), float(scale),
-                                                       bool(is_causal), out.detach()))
-                return out
-            return fn
-
-        exact_outputs = []
-        with _backend.collect(report, root=model) as session:
-            with torch.no_grad():
-                for s in _bar(samples, progress, "calibrate: exact run"):
-                    for _attempt in range(3):
-                        before = {key: len(calls) for key, calls in store.items()}
-                        n_keys = len(keys)
-                        out = _run_sample(compiled, s, sample_inputs)
-                        _route_all_new(report, routed, capture, keys)
-                        if len(keys) == n_keys:
-                            break
-                        # graphs compiled during this run had no capture routes yet: drop what this
-                        # run captured and run the sample again with every site routed
-                        for key in list(store):
-                            del store[key][before.get(key, 0):]
-                        del out
-                    else:
-                        raise RuntimeError("calibrate: the model keeps compiling new graphs on the same sample")
-                    exact_outputs.append(_call_output_fn(output_fn, out, s) if e2e else None)
-                    del out
-        _backend.finish_collecting(session, capture_opts, stacklevel=2)
-        missing = sorted(s.route_key for s in report.sites if s.route_key and not store.get(s.route_key))
-        if missing:
-            warnings.warn(f"calibrate: sites {missing} were compiled but never ran on the samples; they stay "
-                          f"exact", stacklevel=2)
+        on_output = (lambda out, s: _call_output_fn(output_fn, out, s)) if e2e else None
+        cap = capture_calls(model, samples, sample_inputs, capture_opts, progress=progress, on_output=on_output,
+                            stacklevel=3)
+        compiled, report, store, keys, exact_outputs = cap.compiled, cap.report, cap.store, cap.keys, cap.outputs
 
         # ---- 2. per-layer table of (method, params) -> error, FLOPs --------------------------------
         skipped = [f"{s.layer or '<root>'}: {s.reason}" for s in report.sites if s.route_key is None]
@@ -538,8 +606,10 @@ def calibrate(
             # sites of one layer may differ in mask (samples with and without attention_mask
             # compile separate graphs): each keeps its own kind, and a candidate must support all
             masks[s.route_key] = s.mask.replace(" (declared)", "")
+        method_options = {name: dict(base[name]) for name in REGISTRY if isinstance(base.get(name), Mapping)}
         choices = _measure_layers(groups, masks, store, names, candidates, layers, budget, max_kv_heads,
-                                  min_seq_len, impl, run_method, screen, progress)
+                                  min_seq_len, impl, run_method, screen, progress, method_options, verbose,
+                                  dict(fit_options or {}))
         exact_total = sum(c.front[-1].flops for c in choices)
 
         # ---- 3. choose --------------------------------------------------------------------------
@@ -555,10 +625,10 @@ def calibrate(
         for c, i in zip(choices, picks):
             c.chosen = c.front[i]
     finally:
-        for key in keys:
-            routed.route(key, None)
-        store.clear()
-        torch._dynamo.reset()
+        if cap is not None:
+            cap.release()
+        else:
+            torch._dynamo.reset()
         restore_training()
 
     # ---- 4. options and summary ------------------------------------------------------------------
@@ -639,11 +709,11 @@ def _glob_escape(layer: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in layer)
 
 
-def _layer_error(method, params, calls: list, min_seq_len: int, impl: str, run_method) -> float:
+def _layer_error(method, params, calls: list, min_seq_len: int, impl: str, run_method, tensors: tuple = ()) -> float:
     num = den = 0.0
     for call in calls:
         out = run_method(method, call.q, call.k, call.v, call.mask, call.scale, call.is_causal, min_seq_len, impl,
-                         params).to(call.out.dtype)
+                         params, tensors=tensors).to(call.out.dtype)
         diff = (out - call.out).double()
         ref = call.out.double()
         w = _row_weights(call)
@@ -657,7 +727,8 @@ def _layer_error(method, params, calls: list, min_seq_len: int, impl: str, run_m
 
 
 def _measure_layers(groups, masks, store, names, candidates, allowed, budget, max_kv_heads, min_seq_len, impl,
-                    run_method, screen, progress) -> list[LayerChoice]:
+                    run_method, screen, progress, method_options=None, verbose=False,
+                    fit_options=None) -> list[LayerChoice]:
     exact = get_method("exact")
     plan = []   # (layer, calls, sampled calls, shapes, [(method, params dict)], refused)
     total = 0
@@ -673,17 +744,28 @@ def _measure_layers(groups, masks, store, names, candidates, allowed, budget, ma
                 method = get_method(name)
                 grid = _grid(name, shapes[0], candidates)
                 for values in grid:
-                    params = method.make_params(dict(values), where=f"calibrate candidates[{name!r}]")
+                    # options[name] (e.g. linear's weights file) under each candidate's own values
+                    values = {**(method_options or {}).get(name, {}), **values}
+                    params = method.make_params(values, where=f"calibrate candidates[{name!r}]")
                     reason = next((r for r in (method.supports(sh, params) for sh in shapes) if r), None)
                     if reason is not None:
                         refused.setdefault(name, reason)
                         continue
-                    flops = sum(float(method.flops(sh, params)) for sh in shapes)
                     exact_f = sum(float(exact_flops(sh)) for sh in shapes)
+                    if sum(float(method.flops(sh, params)) for sh in shapes) >= exact_f:
+                        continue
+                    tensors = ()
+                    if method.takes_tensors:     # fitted on this layer's calls (after the cheap checks)
+                        params, tensors, reason = _fit_and_bind(method, layer, calls, shapes, params, progress,
+                                                                verbose, (fit_options or {}).get(name, {}))
+                        if reason is not None:
+                            refused.setdefault(name, reason)
+                            continue
+                    flops = sum(float(method.flops(sh, params)) for sh in shapes)
                     if flops >= exact_f:
                         continue
                     full = {f.name: getattr(params, f.name) for f in method.param_fields()}
-                    todo.append((method, params, full, flops))
+                    todo.append((method, params, full, flops, tensors))
         total += len(todo)
         plan.append((layer, kinds, calls, shapes, todo, refused))
 
@@ -697,6 +779,10 @@ def _measure_layers(groups, masks, store, names, candidates, allowed, budget, ma
         with torch.no_grad():
             probe = [_subsample_heads(sampled[0], _SCREEN_KV_HEADS, _SCREEN_BATCH)]
             work = sum(c.q.numel() * c.k.shape[-2] for c in sampled)
+            # candidates with constant tensors (fitted per layer, for all heads) are measured on
+            # every head and never screened on a head subsample
+            fixed = [c for c in todo if c[4]]
+            todo = [c for c in todo if not c[4]]
             if screen and len(todo) > _SCREEN_MIN and probe[0].q.numel() * probe[0].k.shape[-2] * 2 <= work:
                 # screening: every candidate on a small probe (first call, <= 2 kv heads, <= 4 batch
                 # items); only those near the probe's Pareto front are measured in full
@@ -709,8 +795,9 @@ def _measure_layers(groups, masks, store, names, candidates, allowed, budget, ma
                 todo = [rough[i][0] for i in kept]
                 bar.total += len(todo)
                 bar.refresh()
-            for method, params, full, flops in todo:
-                err = _layer_error(method, params, sampled, min_seq_len, impl, run_method)
+            for method, params, full, flops, tensors in todo + fixed:
+                err = _layer_error(method, params, calls if tensors else sampled, min_seq_len, impl, run_method,
+                                   tensors)
                 measured.append(Candidate(method.name, full, err, flops, exact_f))
                 bar.update(1)
         front = _pareto(measured, budget.get("layer_error"))
@@ -722,6 +809,23 @@ def _measure_layers(groups, masks, store, names, candidates, allowed, budget, ma
 
 
 _SCREEN_KV_HEADS, _SCREEN_BATCH, _SCREEN_MIN, _SCREEN_SLACK = 2, 4, 6, 1.2
+
+
+def _fit_and_bind(method, layer: str, calls: list, shapes: list, params, progress: bool, verbose: bool,
+                  settings: Mapping):
+    """(params, tensors, None) for a method with per-site constants on this layer: its
+    ``fit_site`` hook first when it has one (e.g. linear fits its feature maps on the captured
+    calls and adds them to its weights file), then ``bind`` as the compiled site will; a refusal
+    gives (params, (), reason)."""
+    fit = getattr(method, "fit_site", None)
+    if fit is not None:
+        params = fit(layer, calls, params, progress=progress, verbose=verbose, **settings)
+    bound = method.bind(layer, shapes[0], params)
+    if isinstance(bound, str):
+        return params, (), bound
+    params, tensors = bound
+    reason = next((r for r in (method.supports(sh, params) for sh in shapes) if r), None)
+    return params, tensors, reason
 
 
 def _near_front(points: list, slack: float) -> list[int]:
@@ -794,7 +898,11 @@ class _Evaluator:
             fn = None
             if cand.method != "exact":
                 method = get_method(cand.method)
-                fn = self.routed.method_route(method, method.make_params(cand.params), self.min_seq_len, self.impl)
+                params, tensors = method.make_params(cand.params), ()
+                if method.takes_tensors:       # the constants the compiled site will get
+                    shape = SiteShape(1, c.num_heads, c.num_kv_heads, c.q_len, c.kv_len, c.head_dim, c.head_dim)
+                    params, tensors = method.bind(c.layer, shape, params)
+                fn = self.routed.method_route(method, params, self.min_seq_len, self.impl, tensors)
             for key in self.groups[c.layer]:
                 self.routed.route(key, fn)
         outs = []

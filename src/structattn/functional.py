@@ -9,20 +9,22 @@ q, k, v are ``[B, H, N, D]`` (k/v may have fewer heads that divide H: grouped-qu
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from .lowering.ops import IMPLS, check_inputs, op_args, op_for
+from .lowering.ops import IMPLS, check_inputs, op_for
 from .methods import get_method
 
-__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention"]
+__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention", "linear_attention"]
 
 
 def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-              is_causal: bool = False, *, impl: str = "auto", **params) -> torch.Tensor:
-    """Attention by the registered method ``method`` with its ``params`` (validated)."""
+              is_causal: bool = False, *, impl: str = "auto", tensors: Sequence[torch.Tensor] = (),
+              **params) -> torch.Tensor:
+    """Attention by the registered method ``method`` with its ``params`` (validated); ``tensors``
+    are the constant tensors of a method that takes them (``Method.takes_tensors``)."""
     what = f"structattn.functional.{method}_attention"
     if impl not in IMPLS:
         raise ValueError(f"{what}: impl must be one of {list(IMPLS)}; got {impl!r}")
@@ -34,14 +36,18 @@ def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
         # forward raises for a mask or causal flag it cannot serve
         check_inputs(q, k, v, attn_mask, what)
         _check_supported(method, q, k, v, attn_mask, is_causal, pargs, what)
-    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, "", *pargs)
+    extra = (list(tensors),) if get_method(method).takes_tensors else ()
+    if tensors and not extra:
+        raise ValueError(f"{what}: method {method!r} takes no tensors; got {len(tensors)}")
+    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, "", *pargs, *extra)
 
 
 @torch.compiler.assume_constant_result
 def _param_args(method: str, items: tuple) -> tuple:
     """Validated parameter values in op-schema order (a constant for dynamo: no graph break)."""
     m = get_method(method)
-    return op_args(m, m.make_params(dict(items), where=f"{method}_attention"))
+    params = m.make_params(dict(items), where=f"{method}_attention")
+    return tuple(getattr(params, f.name) for f in m.param_fields())
 
 
 def _check_supported(method: str, q, k, v, attn_mask, is_causal: bool, pargs: tuple, what: str) -> None:
@@ -106,3 +112,22 @@ def topk_attention(q, k, v, /, attn_mask=None, scale=None, is_causal=False, *, c
     if unknown:
         raise TypeError(f"topk_attention() got unexpected keyword arguments {sorted(unknown)}")
     return attention("topk", q, k, v, attn_mask, scale, is_causal, impl=impl, k=kw.get("k", 64), chunk_size=chunk_size)
+
+
+def linear_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, maps, chunk_size=64, impl="auto"):
+    """Learned-kernel linear attention (Yorsh & Kovalenko 2022) with fitted feature maps.
+
+    ``maps`` is a ``structattn.methods.linear.FeatureMaps`` (one layer's fitted maps: from
+    ``structattn.fit_linear(...).layers[name]``, ``structattn.methods.linear.load_maps(path)[name]``
+    or ``FeatureMaps.init`` for unfitted ones); its ``local_window`` and ``sink_tokens`` (exact
+    softmax over the nearest keys and the first keys, merged with the linear rest under one
+    normaliser) are the ones it was fitted with. Key-padding and causal masks only.
+    """
+    from .methods.linear.maps import FeatureMaps
+
+    if not isinstance(maps, FeatureMaps):
+        raise ValueError(f"linear_attention: maps must be a structattn.methods.linear.FeatureMaps; "
+                         f"got {type(maps).__name__}")
+    return attention("linear", q, k, v, attn_mask, scale, is_causal, impl=impl, tensors=maps.tensors(q.device),
+                     feature_map=maps.kind, num_features=maps.num_features, local_window=maps.local_window,
+                     sink_tokens=maps.sink_tokens, chunk_size=chunk_size)

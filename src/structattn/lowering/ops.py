@@ -1,11 +1,13 @@
 """One ``torch.library`` op per registered method, generated from the method's ``Params``.
 
-``structattn::<name>_attention(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *params)``
-is an opaque op to dynamo and inductor (inductor calls it as an extern kernel), with a fake impl for
+``structattn::<name>_attention(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, dead_rows,
+*params)`` is an opaque op to dynamo and inductor (inductor calls it as an extern kernel), with a fake impl for
 symbolic shapes and an autograd formula that calls ``structattn::<name>_attention_backward``. The
 op body dispatches at run time: sequences shorter than ``min_seq_len`` go exact; CUDA tensors go to
 the method's Triton kernel when one exists (``impl="auto"``); everything else runs the method's
-plain-torch ``forward``.
+plain-torch ``forward``. A method with ``takes_tensors`` (see ``methods.base``) has one more
+argument, ``Tensor[] tensors`` (its per-site constants, e.g. fitted weights), handed to its
+``forward`` / kernel as trailing positional arguments; they get no gradient.
 
 We use ``Library.define`` + a CompositeExplicitAutograd impl rather than ``triton_op``: the body
 branches on device and on ``min_seq_len`` at run time, which a traced ``triton_op`` cannot do on CPU
@@ -45,7 +47,15 @@ def _schema_type(hint: Any) -> str:
 
 def _param_schema(method: Method) -> str:
     hints = typing.get_type_hints(method.Params)
-    return "".join(f", {_schema_type(hints[f.name])} {f.name}" for f in method.param_fields())
+    schema = "".join(f", {_schema_type(hints[f.name])} {f.name}" for f in method.param_fields())
+    return schema + (", Tensor[] tensors" if method.takes_tensors else "")
+
+
+def _unpack(method: Method, pvalues: tuple) -> tuple[Any, tuple]:
+    """The op's trailing arguments as (params, constant tensors)."""
+    if method.takes_tensors:
+        return method.Params(*pvalues[:-1]), tuple(pvalues[-1])
+    return method.Params(*pvalues), ()
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], what: str) -> None:
@@ -83,16 +93,17 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: O
 
 
 def run_method(method: Method, q, k, v, attn_mask, scale: float, is_causal: bool, min_seq_len: int,
-               impl: str, params: Any, dead_rows: str = "") -> torch.Tensor:
+               impl: str, params: Any, dead_rows: str = "", tensors: tuple = ()) -> torch.Tensor:
     """Run ``method`` on concrete tensors, choosing exact / Triton / plain torch as documented,
-    then give fully masked query rows eager's answer when ``dead_rows`` says how (see dead_rows.py)."""
+    then give fully masked query rows eager's answer when ``dead_rows`` says how (see dead_rows.py).
+    ``tensors``: the site's constant tensors (methods with ``takes_tensors``)."""
     if k.shape[-2] < min_seq_len:
-        method, params = get_method("exact"), get_method("exact").Params()
+        method, params, tensors = get_method("exact"), get_method("exact").Params(), ()
     kernel = _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params)
     if kernel is not None:
-        out = kernel(q, k, v, attn_mask, scale, is_causal, params)
+        out = kernel(q, k, v, attn_mask, scale, is_causal, params, *tensors)
     else:
-        out = method.forward(q, k, v, attn_mask, scale, is_causal, params)
+        out = method.forward(q, k, v, attn_mask, scale, is_causal, params, *tensors)
     return apply_dead_rows(out, q, k, v, attn_mask, scale, is_causal, dead_rows)
 
 
@@ -123,8 +134,8 @@ def _define(method: Method) -> Any:
         empty = empty_result(q, k, v)   # an empty dimension: SDPA's result, whatever the method
         if empty is not None:
             return empty
-        out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, method.Params(*pvalues),
-                         dead_rows)
+        params, tensors = _unpack(method, pvalues)
+        out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, params, dead_rows, tensors)
         # the fake impl promises a contiguous [B, H, Nq, Dv] tensor (inductor checks strides)
         return out.to(q.dtype).contiguous()
 
@@ -136,12 +147,13 @@ def _define(method: Method) -> Any:
     def backward_impl(grad, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, dead_rows, *pvalues):
         if empty_result(q, k, v) is not None:  # the output is empty or constant zeros
             return tuple(t.new_zeros(t.shape) for t in (q, k, v))
-        params = method.Params(*pvalues)
+        params, tensors = _unpack(method, pvalues)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
             # The backward differentiates the plain-torch formulation (exactly what the CPU path
             # computes; on CUDA the same math as the kernel, recomputed by torch).
-            out = run_method(method, *leaves, attn_mask, scale, is_causal, min_seq_len, "torch", params, dead_rows)
+            out = run_method(method, *leaves, attn_mask, scale, is_causal, min_seq_len, "torch", params, dead_rows,
+                             tensors)
             grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True)
         return tuple(t.new_zeros(t.shape) if g is None else g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
@@ -168,7 +180,9 @@ def _define(method: Method) -> Any:
     def backward(ctx, grad):
         q, k, v, attn_mask = ctx.saved_tensors
         gq, gk, gv = backward_op(grad, q, k, v, attn_mask, *ctx.rest)
-        return (gq, gk, gv, None) + (None,) * len(ctx.rest)
+        # no gradient for the parameters, nor for each constant tensor (a list input gets a list)
+        rest = tuple([None] * len(r) if isinstance(r, (list, tuple)) else None for r in ctx.rest)
+        return (gq, gk, gv, None) + rest
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_LIB)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
@@ -188,6 +202,8 @@ def register_all() -> None:
         op_for(method)
 
 
-def op_args(method: Method, params: Any) -> tuple:
-    """The op's trailing parameter arguments, in schema order."""
-    return tuple(getattr(params, f.name) for f in method.param_fields())
+def op_args(method: Method, params: Any, tensors: Any = ()) -> tuple:
+    """The op's trailing arguments in schema order: the parameters, then (methods with
+    ``takes_tensors`` only) the list of constant tensors (or FX nodes)."""
+    args = tuple(getattr(params, f.name) for f in method.param_fields())
+    return args + ((list(tensors),) if method.takes_tensors else ())

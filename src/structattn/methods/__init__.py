@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .base import Method, SiteShape, MASK_KINDS, exact_flops
 from .exact import ExactMethod
+from .linear import LinearMethod
 from .monarch import MonarchMethod
 from .mra import MraMethod
 from .topk import TopkMethod
@@ -30,5 +31,6 @@ register(ExactMethod())
 register(MonarchMethod())
 register(MraMethod())
 register(TopkMethod())
+register(LinearMethod())
 
 __all__ = ["Method", "SiteShape", "MASK_KINDS", "REGISTRY", "register", "get_method", "exact_flops"]

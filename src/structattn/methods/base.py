@@ -11,13 +11,20 @@ A method is one object in the registry (``methods/__init__.py``) with:
   exact (shown in the report);
 * ``flops(site, params)``: the estimated attention FLOPs of one call, an int or a sympy expression
   in symbolic sequence lengths.
+
+Methods whose op needs per-site constant tensors (fitted weights, e.g. ``linear``'s feature maps)
+set ``takes_tensors = True`` and implement ``bind``. Their op then takes one more argument after
+the parameters, ``Tensor[] tensors``; the rewrite pass stores the tensors ``bind`` returns for a
+site as constants of the rewritten GraphModule (``get_attr`` nodes), so the op stays an op and
+the compiled graph carries its weights. ``forward`` (and the kernel) receive them as trailing
+positional arguments: ``forward(q, k, v, attn_mask, scale, is_causal, params, *tensors)``.
 """
 from __future__ import annotations
 
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, NamedTuple, Optional, Union
 
 import sympy
 import torch
@@ -56,6 +63,13 @@ class SiteShape:
         return self.mask == "general"
 
 
+class Binding(NamedTuple):
+    """What ``Method.bind`` gives one site: the op's params and its constant tensors."""
+
+    params: Any
+    tensors: tuple = ()
+
+
 class Method:
     """Base class of a registered attention method. Subclasses set ``name`` and ``Params``."""
 
@@ -65,6 +79,8 @@ class Method:
     #: what the method saves over exact attention: "flops" (the backend keeps a site exact where
     #: the FLOP model says it would not save any) or "memory" (no FLOP rule: top-k)
     saves: ClassVar[str] = "flops"
+    #: the op takes the constant tensors of ``bind`` as a trailing ``Tensor[] tensors`` argument
+    takes_tensors: ClassVar[bool] = False
 
     # -- parameters -------------------------------------------------------------------------
     def param_fields(self) -> list[dataclasses.Field]:
@@ -101,6 +117,12 @@ class Method:
                 raise ValueError(f"{where}.{key} must be an int >= {lowest}; got {value!r}")
 
     # -- behaviour ---------------------------------------------------------------------------
+    def bind(self, layer: str, site: SiteShape, params: Any, device: Any = None) -> Union[Binding, str]:
+        """Trace time: the params and constant tensors (on ``device``) of the op at ``layer``'s site,
+        or a one-line reason (a str) why the site stays exact. Raise ValueError for bad options.
+        Default: ``params`` as given, no tensors."""
+        return Binding(params)
+
     def supports(self, site: SiteShape, params: Any) -> Optional[str]:
         """``None`` if this method can serve ``site``, else a one-line reason."""
         return None

@@ -86,7 +86,14 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     site.mask = kind + (" (declared)" if resolved.causal and plan.kind == "general" else "")
 
     method, params = get_method(resolved.method), resolved.params
-    reason = method.supports(shape, params)
+    tensors = ()
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():   # real constants, not fakes
+        bound = method.bind(m.layer, shape, params, example(m.q.node).device)
+    if isinstance(bound, str):
+        reason = bound
+    else:
+        params, tensors = bound
+        reason = method.supports(shape, params)
     if reason is None and config.exact_when_cheaper and not config.route:
         reason = cost_reason(method, shape, params, site.size_hints)
     min_seq_len = config.min_seq_len
@@ -99,13 +106,13 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     if reason is not None:
         site.reason = f"{method.name}: {reason}"
         method = get_method("exact")
-        params = method.Params()
+        params, tensors = method.Params(), ()
     if min_seq_len == "auto" or method.name == "exact":
         min_seq_len = 0
     if config.route:
         site.route_key = f"{graph_index}:{m.layer}:{m.anchor.name}"
     rewrite_site(gm.graph, m, plan, method, params, min_seq_len, config.impl, resolved.causal,
-                 route_key=site.route_key)
+                 route_key=site.route_key, tensors=tensors, owner=gm)
     erase_dead([m.output])
     site.rewritten = True
     site.method = method.name
