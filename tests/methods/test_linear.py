@@ -410,6 +410,24 @@ def test_fit_compares_variants_and_options_compile(tmp_path):
     assert "blocks.1" in str(fit) and "fitted 1 layer(s)" in str(fit)
 
 
+def test_fit_on_a_key_padded_bidirectional_layer():
+    """Non-causal sites with a key-padding mask: padded query rows are never fitted on, and the
+    reported error leaves them out (they are recomputed here with the padded rows zeroed)."""
+    net = Net(1).eval()
+    x = smooth_inputs(1, seq=32)[0][0]
+    mask = torch.ones(2, 1, 1, 32, dtype=torch.bool)
+    mask[1, ..., 20:] = False
+    fit = structattn.fit_linear(net, [(x, mask)], feature_map="gated", loss="mse", steps=20, rows=16,
+                                local_window=3, progress=False, verbose=False)
+    with torch.no_grad():
+        q, k, v = net.blocks[0].qkv(x)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = structattn.functional.linear_attention(q, k, v, mask, maps=fit.layers["blocks.0"])
+    live = mask.reshape(2, 1, 32, 1).double()
+    err = ((out - ref).double() * live).norm() / (ref.double() * live).norm()
+    assert fit.fits[0].error == pytest.approx(float(err), rel=1e-4)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"feature_map": "rbf"}, "feature_map must be one of"),
     ({"loss": "l1"}, "loss must be one of"),
@@ -420,3 +438,42 @@ def test_fit_compares_variants_and_options_compile(tmp_path):
 def test_fit_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         structattn.fit_linear(Net(1).eval(), smooth_inputs(1), progress=False, verbose=False, **kwargs)
+
+
+def test_constants_inside_a_checkpoint_body_and_dynamic_lengths(tmp_path):
+    """Sites inside an activation-checkpoint body get their constants too (AOT autograd lifts them
+    as buffers of the root), backward included; one dynamic graph serves several lengths."""
+    from torch.utils.checkpoint import checkpoint
+
+    net = Net(2)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            for blk in self.net.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+            return x
+
+    maps = {"blocks.0": random_maps("hedgehog", 2, 1, 16, 1, window=4), "blocks.1": random_maps("gated", 2, 1, 16, 2)}
+    save_maps(str(tmp_path / "ck.pt"), {f"net.{k}": v for k, v in maps.items()})
+    options = {"method": "linear", "linear": {"weights": str(tmp_path / "ck.pt")}, "compiler": "aot_eager",
+               "exact_when_cheaper": False}
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    torch._dynamo.reset()
+    out = torch.compile(Wrapped().train(), backend="structattn", options=options)(x)
+    assert {s.method for s in structattn.last_report().sites} == {"linear"}
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert rel_err(out.detach(), by_hand(net, x.detach(), maps)) < 1e-6
+
+    save_maps(str(tmp_path / "plain.pt"), maps)
+    torch._dynamo.reset()
+    compiled = torch.compile(net.eval(), backend="structattn", dynamic=True,
+                             options={**options, "linear": {"weights": str(tmp_path / "plain.pt")}})
+    with torch.no_grad():
+        for n in (24, 40):
+            x = torch.randn(2, n, 32)
+            assert rel_err(compiled(x), by_hand(net, x, maps)) < 1e-6

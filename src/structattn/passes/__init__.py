@@ -43,7 +43,11 @@ def rewrite_attention(gm: GraphModule, config: Config, graph_index: int = 0) -> 
         # inductor's own attention patterns must not fire on what structattn declined
         for anchor in declined:
             shield_softmax(gm.graph, anchor)
-    for _, sub in _subgraph_modules(gm):
+    for name, sub in _subgraph_modules(gm):
+        # constants a rewrite stores in a subgraph are buffers of the root module too: they are
+        # declared to AOT autograd under their qualified name (rewrite._register_constant)
+        sources, prefix = getattr(gm, "_structattn_scope", (getattr(gm, "_param_name_to_source", None), ""))
+        sub._structattn_scope = (sources, f"{prefix}{name}.")
         sites.extend(rewrite_attention(sub, config, graph_index))
     gm.graph.lint()
     gm.recompile()

@@ -75,14 +75,15 @@ def _constants(graph: Graph, owner: Optional[torch.nn.Module], tensors: Sequence
 
 def _register_constant(owner: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     """A buffer of ``owner``, declared the way dynamo declares its own graph constants: AOT
-    autograd lifts every buffer of a dynamo graph to an input and looks up its source in
-    ``_param_name_to_source``; a ``ConstantSource`` gets no guard."""
+    autograd lifts every buffer of a dynamo graph (subgraph modules' too, by qualified name) to an
+    input and looks up its source in the root's ``_param_name_to_source``; a ``ConstantSource``
+    gets no guard."""
     owner.register_buffer(name, tensor)
-    sources = getattr(owner, "_param_name_to_source", None)
+    sources, prefix = getattr(owner, "_structattn_scope", (getattr(owner, "_param_name_to_source", None), ""))
     if sources is not None:
         from torch._dynamo.source import ConstantSource
 
-        sources[name] = ConstantSource(f"{name}_{id(owner)}")
+        sources[prefix + name] = ConstantSource(f"{prefix}{name}_{id(owner)}".replace(".", "_"))
 
 
 def _to_site(b: NodeBuilder, node: Node, rank: int, split: Optional[int]) -> Node:

@@ -298,8 +298,7 @@ def _rows_loss(model: _Trainable, item: _Item, rows: torch.Tensor, loss: str) ->
     nk = k.shape[1]
     bias = 0.0 if item.bias is None else item.bias.expand(H, 1, nk)
     s = item.scale * q @ k.transpose(-1, -2) + bias                       # [H, R, Nk]
-    exact, linear = exact_sets(int(rows.max()) + 1, nk, item.causal, m.local_window, m.sink_tokens)
-    exact, linear = exact[rows], linear[rows]                             # [R, Nk]
+    exact, linear = exact_sets(0, nk, item.causal, m.local_window, m.sink_tokens, rows=rows)   # [R, Nk]
     allowed = exact | linear
     target_logits = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(target_logits, -1)

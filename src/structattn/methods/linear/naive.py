@@ -30,11 +30,12 @@ __all__ = ["linear_attention_naive", "exact_sets"]
 
 
 def exact_sets(nq: int, nk: int, is_causal: bool, local_window: int, sink_tokens: int,
-               device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool ``(exact, linear)`` [Nq, Nk] sets of the module docstring (masks not applied)."""
-    i = torch.arange(nq, device=device).unsqueeze(-1)
+               device=None, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``(exact, linear)`` [Nq, Nk] sets of the module docstring (masks not applied); with
+    ``rows`` (query positions) only those rows, [len(rows), Nk]."""
+    i = (torch.arange(nq, device=device) if rows is None else rows).unsqueeze(-1)
     j = torch.arange(nk, device=device)
-    allowed = (j <= i) if is_causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
+    allowed = (j <= i) if is_causal else torch.ones(i.shape[0], nk, dtype=torch.bool, device=device)
     exact = allowed & (((j - i).abs() < local_window) | (j < sink_tokens))
     return exact, allowed & ~exact
 
