@@ -14,7 +14,12 @@ from structattn.methods.linear import LinearParams
 from structattn.methods.linear.maps import FeatureMaps
 from structattn.methods.linear.naive import linear_attention_naive
 
-from kernels_testlib import qkv, rel_err
+from testlib import make_qkv, rel_err
+
+
+def qkv(B, H, Hk, nq, nk, D, Dv, dtype, seed=0):
+    """Seeded random q, k, v in ``dtype``."""
+    return make_qkv(B, H, Hk, nq, nk, D, Dv, dtype, seed=seed)
 
 
 @pytest.fixture(scope="module")

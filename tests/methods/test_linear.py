@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 import structattn
 from structattn.methods import SiteShape, get_method
+from structattn.methods.exact.naive import dense_attention
 from structattn.methods.linear import FeatureMaps, LinearParams, linear_flops, load_maps, save_maps
 from structattn.methods.linear.maps import KINDS, apply_map, feature_inputs
 from structattn.methods.linear.naive import linear_attention_naive
 from structattn.methods.linear.torch import linear_forward
 
-from methods_testlib import dense_attention, make_qkv, rel_err
+from testlib import make_qkv, rel_err
 
 METHOD = get_method("linear")
 
@@ -224,6 +225,25 @@ def test_general_masks_are_refused():
     site = SiteShape(1, 2, 2, 8, 8, 8, 8, "general")
     assert "general" in METHOD.supports(site, LinearParams())
     assert METHOD.supports(SiteShape(1, 2, 2, 8, 8, 8, 8, "causal+key_padding"), LinearParams()) is None
+
+
+def test_score_modified_sites_are_refused():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class ModSite(SiteShape):      # a site shape carrying a score modification
+        score_mod: object = None
+
+    assert METHOD.supports(ModSite(1, 2, 2, 8, 8, 8, 8, "causal"), LinearParams()) is None
+    assert "score modification" in METHOD.supports(ModSite(1, 2, 2, 8, 8, 8, 8, "causal", score_mod="alibi"),
+                                                   LinearParams())
+
+
+def test_linear_is_tried_by_calibrate_only_when_named():
+    from structattn.calibrate import default_methods
+
+    assert "linear" not in default_methods()
+    assert {"monarch", "mra", "topk"} <= set(default_methods())
 
 
 def test_unbound_params_raise_a_clear_error():

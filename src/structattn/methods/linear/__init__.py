@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 
 from ..base import Binding, Dim, Method, SiteShape
-from ..monarch import sym_min
+from ..common import sym_min
 from .maps import KINDS, FeatureMaps, default_num_features, map_macs
 from .store import load_maps, maps_tensors, save_maps
 from .torch import linear_forward
@@ -98,6 +98,11 @@ class LinearMethod(Method):
                 raise ValueError(f"{where}.{key} must be None (as fitted) or an int >= 0; got {value!r}")
 
     def supports(self, site: SiteShape, params: LinearParams) -> Optional[str]:
+        # a score modification (a bias lifted into a per-(query, key) expression, should the site
+        # carry one) has no place in phi(q) . phi(k): refused like a general mask
+        if getattr(site, "score_mod", None) is not None:
+            return ("linear attention cannot apply a score modification (its kernel phi(q) . phi(k) has no "
+                    "per-(query, key) term); use 'exact' or a method that takes score mods")
         if site.general_mask:
             return ("linear supports key-padding and causal masks only, not a general [Q, K] mask "
                     "(its state sums over keys shared by every query)")

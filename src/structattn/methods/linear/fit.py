@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ..masks import as_4d, as_additive
+from ..common import as_4d, as_additive
 from .maps import KINDS, FeatureMaps, apply_map, check_kind, feature_inputs
 from .naive import exact_sets
 from .store import save_maps
@@ -137,11 +137,9 @@ def fit_linear(model: Any, samples: Any, *, layers: Optional[Sequence[str]] = No
     import copy
     import fnmatch
 
-    import sys
-
-    from ...calibrate import capture_calls
-
-    cal = sys.modules[capture_calls.__module__]       # the module (the package exports the function)
+    from ... import backend as _backend
+    from ...calibrate.api import _layers, _set_eval
+    from ...calibrate.capture import RoutedModel, capture_calls, normalize_samples, progress_bar
     from ...config import Config
 
     t0 = time.time()
@@ -149,22 +147,22 @@ def fit_linear(model: Any, samples: Any, *, layers: Optional[Sequence[str]] = No
     _check_settings(steps, seed, local_window, sink_tokens, num_features, rows, lr)
     if layers is not None and (isinstance(layers, str) or not all(isinstance(p, str) for p in layers)):
         raise ValueError(f"fit_linear: layers must be a list of fnmatch globs; got {layers!r}")
-    norm = cal._normalize_samples(samples)
+    norm = normalize_samples(samples)
     base = Config.checked_dict(options)
     base.pop("_route", None)
     Config.from_options(copy.deepcopy(base))
-    capture_opts = {**copy.deepcopy(base), "_route": True, "method": "exact", "compiler": "eager"}
-    restore = cal._set_eval(model)
-    cap = None
+    rm = RoutedModel(model, copy.deepcopy(base))
+    restore = _set_eval(model)
     fitted, fits = {}, []
     try:
-        cap = capture_calls(model, norm, samples, capture_opts, progress=progress, stacklevel=3)
-        groups = {layer: keys for layer, keys in cap.layers().items()
+        with rm.collecting() as session:
+            store, _ = capture_calls(rm, norm, samples, None, False, progress)
+        _backend.finish_collecting(session, rm.options, stacklevel=2)
+        groups, masks = _layers(rm.sites)
+        groups = {layer: keys for layer, keys in groups.items()
                   if layers is None or any(fnmatch.fnmatchcase(layer, p) for p in layers)}
-        masks = cap.masks()
-        bar = cal._bar(groups.items(), progress, "fit_linear: layers")
-        for layer, keys in bar:
-            calls = [c for key in keys for c in cap.store.get(key, [])]
+        for layer, keys in progress_bar(groups.items(), progress, "fit_linear: layers"):
+            calls = [c for key in keys for c in store.get(key, [])]
             general = [key for key in keys if masks[key] == "general"]
             if not calls or general:
                 if general and verbose:
@@ -180,10 +178,8 @@ def fit_linear(model: Any, samples: Any, *, layers: Optional[Sequence[str]] = No
             fits.append(LayerFit(layer, maps.kind, info["loss"], info["loss_value"], info["error"], time.time() - t,
                                  info["trials"]))
     finally:
-        if cap is not None:
-            cap.release()
-        else:
-            torch._dynamo.reset()
+        rm.clear()
+        torch._dynamo.reset()
         restore()
     result = LinearFit(fitted, fits, time.time() - t0)
     if path is not None:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..masks import as_4d, as_additive
+from ..common import as_4d, as_additive
 from .maps import FeatureMaps, apply_map, feature_inputs
 
 __all__ = ["linear_attention_naive", "exact_sets"]

@@ -25,16 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from ..base import empty_result
-from ..monarch import _check_heads, compute_dtype, key_padding_bias
-from ..mra import merge_partial
-from ..softmax import softmax_and_lse
+from ..common import MASKED, check_heads, compute_dtype, key_padding_bias, softmax_and_lse
+from ..mra.torch import merge_partial
 from .maps import apply_map, feature_inputs
 
 __all__ = ["linear_forward", "prepare", "merge", "Prepared", "key_weights", "causal_linear", "band_exact"]
 
 #: target size (elements) of the largest temporary of one slice of (batch x state heads)
 CHUNK_ELEMS = 1 << 22
-_NEG_INF = float("-inf")
 
 
 def key_weights(bias: Optional[torch.Tensor], nk: int, sink_tokens: int, dtype, device
@@ -48,7 +46,7 @@ def key_weights(bias: Optional[torch.Tensor], nk: int, sink_tokens: int, dtype, 
         c[..., :sink_tokens] = 0
         return c, torch.zeros(1, 1, dtype=dtype, device=device)
     beta = bias.amax(-1)
-    beta = beta.masked_fill(beta == _NEG_INF, 0.0)
+    beta = beta.masked_fill(beta == MASKED, 0.0)
     c = torch.exp(bias - beta.unsqueeze(-1))
     if sink_tokens:
         c = c.clone()
@@ -124,7 +122,7 @@ def band_exact(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optiona
         kp = F.pad(k[:, :keep], (0, 0, behind, total - behind - keep))
         vp = F.pad(v[:, :keep], (0, 0, behind, total - behind - keep))
         bp = bias[:, :keep] if bias is not None else torch.zeros(S, keep, dtype=qs.dtype, device=qs.device)
-        bp = F.pad(bp, (behind, total - behind - keep), value=_NEG_INF)
+        bp = F.pad(bp, (behind, total - behind - keep), value=MASKED)
         kw = kp.unfold(1, span, chunk)                                # [S, nc, D, span]
         vw = vp.unfold(1, span, chunk)                                # [S, nc, Dv, span]
         bw = bp.unfold(1, span, chunk)                                # [S, nc, span]
@@ -135,7 +133,7 @@ def band_exact(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optiona
         band = ((p - r) >= 0) & ((p - r) <= behind + ahead)
         bw = bw.unsqueeze(1).unsqueeze(-2)
         # a masked key (-inf bias) is dropped whatever its logit holds (SDPA's bool-mask behaviour)
-        s = (s + bw).masked_fill(~band | (bw == _NEG_INF), _NEG_INF)
+        s = (s + bw).masked_fill(~band | (bw == MASKED), MASKED)
         parts.append(s.view(S, G, npad, span)[:, :, :nq])
         values.append(vw.transpose(-1, -2))
     sinks = min(sinks, nk)
@@ -143,16 +141,16 @@ def band_exact(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optiona
         s = qs @ k[:, :sinks].transpose(-1, -2).unsqueeze(1)          # [S, G, Nq, sinks]
         if bias is not None:
             bs = bias[:, None, None, :sinks]
-            s = (s + bs).masked_fill(bs == _NEG_INF, _NEG_INF)
+            s = (s + bs).masked_fill(bs == MASKED, MASKED)
         i = torch.arange(nq, device=qs.device).unsqueeze(-1)
         j = torch.arange(sinks, device=qs.device)
         drop = (j - i).abs() < window                                 # already in the band
         if is_causal:
             drop = drop | (j > i)
-        parts.append(s.masked_fill(drop, _NEG_INF))
+        parts.append(s.masked_fill(drop, MASKED))
     logits = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
     m = logits.amax(-1)
-    m = m.masked_fill(m == _NEG_INF, 0.0)
+    m = m.masked_fill(m == MASKED, 0.0)
     prob, lse = softmax_and_lse(logits)
     out = None
     if window:
@@ -183,7 +181,7 @@ def prepare(q, k, v, attn_mask, scale: float, kind: str, tensors: tuple, sink_to
     """Features, key weights and the log-sum-exp shift of the linear part (module docstring)."""
     B, H, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
-    G = _check_heads(q, k)
+    G = check_heads(q, k)
     cdt = compute_dtype(q.dtype)
     dev = q.device
     n = (len(tensors) - 1) // 2
@@ -221,7 +219,7 @@ def merge(num: torch.Tensor, den: torch.Tensor, shift: torch.Tensor,
         return o_lin
     o_ex, lse_ex, m = exact
     # den = 0 (no linear key): lse -inf, with no NaN gradient from log(0)
-    lse_lin = torch.log(den.clamp_min(torch.finfo(den.dtype).tiny)).masked_fill(den == 0, _NEG_INF) + shift + m
+    lse_lin = torch.log(den.clamp_min(torch.finfo(den.dtype).tiny)).masked_fill(den == 0, MASKED) + shift + m
     return merge_partial(o_ex, lse_ex.unsqueeze(-1), o_lin, lse_lin.unsqueeze(-1))
 
 

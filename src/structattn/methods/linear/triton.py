@@ -26,11 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...kernels._common import device_reason, dtype_reason, empty_output, interpreting, next_pow2
-from ..masks import as_4d, is_key_padding
+from ..common import as_4d, interpreting, is_key_padding
+from ..triton_common import NEG_INF, dot_precision, empty_output, input_reason, next_pow2
 from .torch import merge, prepare
 
-NEG_INF = tl.constexpr(float("-inf"))
 #: largest feature count and value head_dim the kernels hold in registers
 MAX_FEATURES = 256
 MAX_HEAD_DIM = 128
@@ -43,16 +42,9 @@ def _alloc(*shape, device) -> torch.Tensor:
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _chunk_states(FK, V, KV, Z, off, NK, F, DV,
                   s_fk0, s_fk1, s_fk2, s_v0, s_v1, s_v2, s_kv0, s_kv1, s_kv2, s_kv3, s_z0, s_z1, s_z2,
-                  C: tl.constexpr, FP: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr):
+                  C: tl.constexpr, FP: tl.constexpr, BDV: tl.constexpr, DOT: tl.constexpr):
     c = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
     dvb = tl.program_id(2)
@@ -64,7 +56,7 @@ def _chunk_states(FK, V, KV, Z, off, NK, F, DV,
                  other=0.0).to(tl.float32)
     v = tl.load(V + s * s_v0 + j[:, None] * s_v1 + rdv[None, :] * s_v2, mask=ok[:, None] & (rdv < DV)[None, :],
                 other=0.0).to(tl.float32)
-    kv = _dot(tl.trans(fk), v, IEEE)                                   # [FP, BDV]
+    kv = tl.dot(tl.trans(fk), v, input_precision=DOT)                                   # [FP, BDV]
     tl.store(KV + s * s_kv0 + c * s_kv1 + rf[:, None] * s_kv2 + rdv[None, :] * s_kv3, kv,
              mask=(rf < F)[:, None] & (rdv < DV)[None, :])
     if dvb == 0:
@@ -75,7 +67,7 @@ def _chunk_states(FK, V, KV, Z, off, NK, F, DV,
 def _linear_out(FQ, FK, V, P, PZ, NUM, DEN, off, NQ, NK, H, G, HS, F, DV,
                 s_fq0, s_fq1, s_fq2, s_fq3, s_fk0, s_fk1, s_fk2, s_v0, s_v1, s_v2,
                 s_p0, s_p1, s_p2, s_p3, s_pz0, s_pz1, s_pz2, s_n0, s_n1, s_n2, s_n3, s_d0, s_d1, s_d2,
-                MODE: tl.constexpr, C: tl.constexpr, FP: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr):
+                MODE: tl.constexpr, C: tl.constexpr, FP: tl.constexpr, BDV: tl.constexpr, DOT: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     dvb = tl.program_id(2)
@@ -94,7 +86,7 @@ def _linear_out(FQ, FK, V, P, PZ, NUM, DEN, off, NQ, NK, H, G, HS, F, DV,
     state = tl.load(P + s * s_p0 + cs * s_p1 + rf[:, None] * s_p2 + rdv[None, :] * s_p3,
                     mask=fok[:, None] & dok[None, :], other=0.0)
     z = tl.load(PZ + s * s_pz0 + cs * s_pz1 + rf * s_pz2, mask=fok, other=0.0)
-    num = _dot(fq, state, IEEE)                                         # [C, BDV]
+    num = tl.dot(fq, state, input_precision=DOT)                                         # [C, BDV]
     den = tl.sum(fq * z[None, :], 1)
     if MODE == 1:
         t = c * C + tl.arange(0, C)
@@ -104,9 +96,9 @@ def _linear_out(FQ, FK, V, P, PZ, NUM, DEN, off, NQ, NK, H, G, HS, F, DV,
                      other=0.0).to(tl.float32)
         v = tl.load(V + s * s_v0 + j[:, None] * s_v1 + rdv[None, :] * s_v2, mask=ok[:, None] & dok[None, :],
                     other=0.0).to(tl.float32)
-        a = _dot(fq, tl.trans(fk), IEEE)                                # [C, C]
+        a = tl.dot(fq, tl.trans(fk), input_precision=DOT)                                # [C, C]
         a = tl.where(t[None, :] <= ri[:, None], a, 0.0)
-        num += _dot(a, v, IEEE)
+        num += tl.dot(a, v, input_precision=DOT)
         den += tl.sum(a, 1)
     tl.store(NUM + b * s_n0 + h * s_n1 + ri[:, None] * s_n2 + rdv[None, :] * s_n3, num,
              mask=iok[:, None] & dok[None, :])
@@ -118,14 +110,14 @@ def _linear_out(FQ, FK, V, P, PZ, NUM, DEN, off, NQ, NK, H, G, HS, F, DV,
 def _softmax_tile(q, acc, m, lsum, K, V, BIAS, kbase, vbase, bbase, ri, n0, lo_j, hi_j, NK, D, DV, scale, window, sinks,
                   s_k2, s_k3, s_v2, s_v3, s_b2, SINK_PASS: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  DOT: tl.constexpr):
     rn = n0 + tl.arange(0, BN)
     rd = tl.arange(0, DP)
     rdv = tl.arange(0, DVP)
     nok = (rn >= lo_j) & (rn < hi_j) & (rn < NK)
     kt = tl.load(K + kbase + rn[:, None] * s_k2 + rd[None, :] * s_k3, mask=nok[:, None] & (rd < D)[None, :],
                  other=0.0)
-    x = _dot(q, tl.trans(kt), IEEE) * scale                            # [BM, BN]
+    x = tl.dot(q, tl.trans(kt), input_precision=DOT) * scale                            # [BM, BN]
     if HAS_BIAS:
         kb = tl.load(BIAS + bbase + rn * s_b2, mask=nok, other=0.0)[None, :]
         x = tl.where(kb == NEG_INF, NEG_INF, x + kb)     # a masked key is dropped, even an inf logit
@@ -146,7 +138,7 @@ def _softmax_tile(q, acc, m, lsum, K, V, BIAS, kbase, vbase, bbase, ri, n0, lo_j
     lsum = lsum * alpha + tl.sum(p, 1)
     vt = tl.load(V + vbase + rn[:, None] * s_v2 + rdv[None, :] * s_v3, mask=nok[:, None] & (rdv < DV)[None, :],
                  other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT)
     return acc, m_new, lsum
 
 
@@ -155,7 +147,7 @@ def _exact_part(Q, K, V, BIAS, O, LSE, M, scale, NQ, NK, H, G, HS, D, DV, window
                 s_q0, s_q1, s_q2, s_q3, s_k0, s_k1, s_k2, s_k3, s_v0, s_v1, s_v2, s_v3, s_b0, s_b1, s_b2,
                 s_o0, s_o1, s_o2, s_o3, s_l0, s_l1, s_l2,
                 CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                DP: tl.constexpr, DVP: tl.constexpr, IEEE: tl.constexpr):
+                DP: tl.constexpr, DVP: tl.constexpr, DOT: tl.constexpr):
     mb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -182,13 +174,13 @@ def _exact_part(Q, K, V, BIAS, O, LSE, M, scale, NQ, NK, H, G, HS, D, DV, window
         for n0 in range(lo, hi, BN):
             acc, m, lsum = _softmax_tile(q, acc, m, lsum, K, V, BIAS, kbase, vbase, bbase, ri, n0, lo, hi, NK, D, DV,
                                          scale, window, sinks, s_k2, s_k3, s_v2, s_v3, s_b2, False, CAUSAL, HAS_BIAS,
-                                         BN, DP, DVP, IEEE)
+                                         BN, DP, DVP, DOT)
     if sinks > 0:
         hi_s = tl.minimum(sinks, NK)
         for n0 in range(0, hi_s, BN):
             acc, m, lsum = _softmax_tile(q, acc, m, lsum, K, V, BIAS, kbase, vbase, bbase, ri, n0, 0, hi_s, NK, D, DV,
                                          scale, window, sinks, s_k2, s_k3, s_v2, s_v3, s_b2, True, CAUSAL, HAS_BIAS,
-                                         BN, DP, DVP, IEEE)
+                                         BN, DP, DVP, DOT)
     dead = lsum == 0.0
     inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))
     tl.store(O + b * s_o0 + h * s_o1 + ri[:, None] * s_o2 + rdv[None, :] * s_o3, acc * inv[:, None],
@@ -201,7 +193,7 @@ def _exact_part(Q, K, V, BIAS, O, LSE, M, scale, NQ, NK, H, G, HS, D, DV, window
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-def _sums(fq, fk, v, off: int, mode: int, chunk: int, ieee: bool, h: int, g: int):
+def _sums(fq, fk, v, off: int, mode: int, chunk: int, dot: bool, h: int, g: int):
     """(num [B', H', Nq, Dv], den [B', H', Nq]) of keys ``j <= i + off`` (MODE_CAUSAL) or of all
     keys (MODE_ALL) for fq [S, g, Nq, f] viewed as [B', H', ...] with H' = h query heads."""
     S, _, nq, f = fq.shape
@@ -215,7 +207,7 @@ def _sums(fq, fk, v, off: int, mode: int, chunk: int, ieee: bool, h: int, g: int
         kv = _alloc(S, nc, f, dv, device=fq.device)
         z = _alloc(S, nc, f, device=fq.device)
         _chunk_states[(nc, S, ndv)](fk, v, kv, z, off, nk, f, dv, *fk.stride(), *v.stride(), *kv.stride(),
-                                    *z.stride(), C=chunk, FP=FP, BDV=BDV, IEEE=ieee)
+                                    *z.stride(), C=chunk, FP=FP, BDV=BDV, DOT=dot)
         p = torch.cat([torch.zeros_like(kv[:, :1]), kv[:, :-1].cumsum(1)], 1)     # exclusive prefix sums
         pz = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1].cumsum(1)], 1)
         if off > 0:                                # keys before the first chunk: seen by every query
@@ -233,17 +225,15 @@ def _sums(fq, fk, v, off: int, mode: int, chunk: int, ieee: bool, h: int, g: int
     den = _alloc(B, h, nq, device=fq.device)
     _linear_out[(grid_c, B * h, ndv)](fq4, fk, v, p, pz, num, den, off, nq, nk, h, g, hs, f, dv,
                                       *fq4.stride(), *fk.stride(), *v.stride(), *p.stride(), *pz.stride(),
-                                      *num.stride(), *den.stride(), MODE=mode, C=chunk, FP=FP, BDV=BDV, IEEE=ieee)
+                                      *num.stride(), *den.stride(), MODE=mode, C=chunk, FP=FP, BDV=BDV, DOT=dot)
     return num, den
 
 
 def supports(q, k, v, attn_mask, is_causal, params) -> Optional[str]:
     """None when the kernels serve these inputs, else why not."""
-    for reason in (device_reason(q), dtype_reason(q)):
-        if reason:
-            return reason
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} / value head_dim {v.shape[-1]} above the kernels' limit of {MAX_HEAD_DIM}"
+    reason = input_reason(q, v, MAX_HEAD_DIM)
+    if reason:
+        return reason
     if params.num_features > MAX_FEATURES:
         return f"num_features {params.num_features} above the kernels' limit of {MAX_FEATURES}"
     if attn_mask is not None and not is_key_padding(attn_mask):
@@ -265,30 +255,30 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *tensors):
     nk, dv = k.shape[2], v.shape[3]
     w, sinks = params.local_window, params.sink_tokens
     pre = prepare(q, k, v, attn_mask, scale, params.feature_map, tensors, sinks)
-    ieee = q.dtype == torch.float32 or interpreting()
+    dot = dot_precision(q.dtype)
     chunk = max(16, min(next_pow2(params.chunk_size), 128))
     g = pre.fq.shape[1]
     hq = pre.hs * g
     fq, fk, vf = pre.fq.contiguous(), pre.fk.contiguous(), pre.v.contiguous()
     if is_causal:
-        num, den = _sums(fq, fk, vf, -w, MODE_CAUSAL, chunk, ieee, hq, g)
+        num, den = _sums(fq, fk, vf, -w, MODE_CAUSAL, chunk, dot, hq, g)
     elif w == 0:
-        num, den = _sums(fq, fk, vf, 0, MODE_ALL, chunk, ieee, hq, g)
+        num, den = _sums(fq, fk, vf, 0, MODE_ALL, chunk, dot, hq, g)
     else:
-        num, den = _sums(fq, fk, vf, -w, MODE_CAUSAL, chunk, ieee, hq, g)
+        num, den = _sums(fq, fk, vf, -w, MODE_CAUSAL, chunk, dot, hq, g)
         rn, rd = _sums(fq.flip(2).contiguous(), fk.flip(1).contiguous(), vf.flip(1).contiguous(), nk - nq - w,
-                       MODE_CAUSAL, chunk, ieee, hq, g)
+                       MODE_CAUSAL, chunk, dot, hq, g)
         num, den = num + rn.flip(2), den + rd.flip(2)
     exact = None
     if w > 0 or sinks > 0:
-        exact = _exact(q, k, v, pre, scale, is_causal, w, sinks, ieee, hq)
+        exact = _exact(q, k, v, pre, scale, is_causal, w, sinks, dot, hq)
     S = pre.fq.shape[0]
     out = merge(num.reshape(S, g, nq, dv), den.reshape(S, g, nq), pre.shift,
                 None if exact is None else tuple(t.reshape(S, g, nq, *t.shape[3:]) for t in exact))
     return out.reshape(B, H, nq, dv).to(q.dtype)
 
 
-def _exact(q, k, v, pre, scale, is_causal, w, sinks, ieee, hq):
+def _exact(q, k, v, pre, scale, is_causal, w, sinks, dot, hq):
     """(out [B, hq, Nq, Dv], lse, m [B, hq, Nq]) of the exact part."""
     B, H, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
@@ -308,5 +298,5 @@ def _exact(q, k, v, pre, scale, is_causal, w, sinks, ieee, hq):
     _exact_part[(triton.cdiv(nq, BM), B * hq)](
         q, kk, vv, bias, out, lse, m, float(scale), nq, nk, hq, g, hs, d, dv, w, sinks,
         *q.stride(), *kk.stride(), *vv.stride(), *sb, *out.stride(), *lse.stride(),
-        CAUSAL=bool(is_causal), HAS_BIAS=pre.bias is not None, BM=BM, BN=BN, DP=DP, DVP=DVP, IEEE=ieee)
+        CAUSAL=bool(is_causal), HAS_BIAS=pre.bias is not None, BM=BM, BN=BN, DP=DP, DVP=DVP, DOT=dot)
     return out, lse, m
