@@ -497,3 +497,12 @@ def test_constants_inside_a_checkpoint_body_and_dynamic_lengths(tmp_path):
         for n in (24, 40):
             x = torch.randn(2, n, 32)
             assert rel_err(compiled(x), by_hand(net, x, maps)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_maps_from_op_tensors_round_trip(kind):
+    maps = FeatureMaps.init(kind, 4, 2, 8, num_features=6, local_window=3, sink_tokens=1, seed=5)
+    back = FeatureMaps.from_tensors(kind, maps.tensors(), local_window=3, sink_tokens=1)
+    assert (back.num_heads, back.num_kv_heads, back.head_dim, back.num_features) == (4, 2, 8, 6)
+    for a, b in zip(maps.tensors(), back.tensors()):
+        assert torch.equal(a, b)

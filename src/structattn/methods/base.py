@@ -21,7 +21,8 @@ A method is one folder ``methods/<name>/`` whose ``__init__.py`` holds its ``Par
 Its ``<name>/naive.py`` is the short float64 reference the tests check every path against.
 
 Methods whose op needs per-site constant tensors (fitted weights, e.g. ``linear``'s feature maps)
-set ``takes_tensors = True`` and implement ``bind``. Their op then takes one more argument after
+set ``takes_tensors = True`` and implement ``bind`` (and ``example_binding``: unfitted constants for
+the registry-driven tests; their ``naive.forward`` takes the tensors too). Their op then takes one more argument after
 the parameters, ``Tensor[] tensors``; the rewrite pass stores the tensors ``bind`` returns for a
 site as constants of the rewritten GraphModule (``get_attr`` nodes), so the op stays an op and
 the compiled graph carries its weights. ``forward`` (and the kernel) receive them as trailing
@@ -133,6 +134,12 @@ class Method:
         """Trace time: the params and constant tensors (on ``device``) of the op at ``layer``'s site,
         or a one-line reason (a str) why the site stays exact. Raise ValueError for bad options.
         Default: ``params`` as given, no tensors."""
+        return Binding(params)
+
+    def example_binding(self, site: SiteShape, params: Any, seed: int = 0) -> Binding:
+        """Unfitted constants for a site of this shape (the registry-driven tests, timing runs): the
+        params completed as ``bind`` would and freshly initialised tensors, deterministic in
+        ``seed``. Default: ``params`` as given, no tensors."""
         return Binding(params)
 
     def supports(self, site: SiteShape, params: Any) -> Optional[str]:

@@ -125,6 +125,18 @@ class LinearMethod(Method):
             return f"no feature map fitted for layer {layer!r} in {params.weights!r} (it has {len(known)}: {shown})"
         return Binding(resolve_params(params, maps, layer, site), maps_tensors(params.weights, layer, maps, device))
 
+    def example_binding(self, site: SiteShape, params: LinearParams, seed: int = 0) -> Binding:
+        """Freshly initialised maps (``FeatureMaps.init``; hedgehog when ``feature_map`` is "auto")
+        with the window, sinks and feature count of ``params``, and a random log gain per head."""
+        import torch   # the real package: this module's name "torch" is the sibling torch.py
+
+        kind = params.feature_map if params.feature_map in KINDS else "hedgehog"
+        maps = FeatureMaps.init(kind, site.num_heads, site.num_kv_heads, site.head_dim,
+                                num_features=params.num_features or None, local_window=params.local_window or 0,
+                                sink_tokens=params.sink_tokens or 0, seed=seed)
+        maps.gamma = torch.randn(site.num_heads, generator=torch.Generator().manual_seed(seed + 1))
+        return Binding(resolve_params(params, maps, "<example>", site), maps.tensors())
+
     def forward(self, q, k, v, attn_mask, scale, is_causal, params, *tensors):
         check_bound(params, tensors)
         return linear_forward(q, k, v, attn_mask, scale, is_causal, params.feature_map, tensors,

@@ -171,7 +171,8 @@ class FeatureMaps:
                              f"got {len(tensors)}")
         gamma, query, key = tensors[0], list(tensors[1:1 + n]), list(tensors[1 + n:])
         d = query[0].shape[1]
-        f = {"hedgehog": 2 * query[0].shape[-1], "gated": query[4].shape[-1], "mlp": query[2].shape[-1]}[kind]
+        # the last weight's width (hedgehog: two halves of W's width)
+        f = 2 * query[0].shape[-1] if kind == "hedgehog" else query[-2].shape[-1]
         maps = cls(kind, gamma.shape[0], key[0].shape[0], d, f, local_window, sink_tokens, gamma, query, key)
         maps.check()
         return maps

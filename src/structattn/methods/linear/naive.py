@@ -26,7 +26,7 @@ import torch
 from ..common import as_4d, as_additive
 from .maps import FeatureMaps, apply_map, feature_inputs
 
-__all__ = ["linear_attention_naive", "exact_sets"]
+__all__ = ["linear_attention_naive", "exact_sets", "forward"]
 
 
 def exact_sets(nq: int, nk: int, is_causal: bool, local_window: int, sink_tokens: int,
@@ -66,3 +66,11 @@ def linear_attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
     e = torch.exp(w - top)
     z = e.sum(-1, keepdim=True)
     return (e / torch.where(z > 0, z, torch.ones_like(z))) @ v
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
+            is_causal: bool, params, *tensors: torch.Tensor) -> torch.Tensor:
+    """The method's signature (``LinearParams`` resolved by ``bind``, then the op's tensors)."""
+    maps = FeatureMaps.from_tensors(params.feature_map, tensors, local_window=params.local_window,
+                                    sink_tokens=params.sink_tokens)
+    return linear_attention_naive(q, k, v, attn_mask, scale, is_causal, maps)
