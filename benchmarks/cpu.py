@@ -301,7 +301,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats per size (0: 5 / 3 / 2 by size)")
     ap.add_argument("--methods", nargs="+", default=None, help="labels to run (sdpa always runs)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if args.methods is None or m[0] == "sdpa" or m[0] in args.methods]
     print(f"machine: {machine()}; {datetime.date.today()}", flush=True)
     rows = run(args.sizes, args.heads, args.dim, args.repeats, methods)

@@ -195,8 +195,8 @@ def fit_linear_maps(model, samples, tag: str, window: int, sinks: int, args, **k
     path = str(OUT / f"linear_{tag}_w{window}s{sinks}.pt")
     t = time.time()
     structattn.fit_linear(model, samples, feature_map=args.linear_maps, loss=args.linear_loss,
-                          steps=args.linear_steps, local_window=window, sink_tokens=sinks, path=path, seed=0,
-                          progress=False, verbose=True, **kw)
+                          steps=args.linear_steps, rows=args.linear_rows, local_window=window, sink_tokens=sinks,
+                          path=path, seed=0, progress=False, verbose=True, **kw)
     seconds = time.time() - t
     print(f"  fit_linear(window={window}, sinks={sinks}) took {seconds:.0f} s -> {path}", flush=True)
     return path, seconds
@@ -701,6 +701,7 @@ def main(argv=None) -> None:
                    help="fit_linear feature_map: hedgehog | gated | mlp | auto (compare all three per layer)")
     p.add_argument("--linear-loss", default="auto", help="fit_linear loss: ce | mse | auto (compare both per layer)")
     p.add_argument("--linear-steps", type=int, default=300, help="fit_linear steps per layer")
+    p.add_argument("--linear-rows", type=int, default=128, help="fit_linear query rows per step")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
