@@ -14,8 +14,10 @@
   windows) and 4K (4 windows) tokens, and top-1 agreement of the next-token prediction with exact.
 
 For each model and length we sweep each method's budget (Monarch T and b, MRA blocks_per_row and
-block, top-k k) on all layers and on subsets of layers, plus the configuration chosen by
-``structattn.calibrate`` (calibrated on held-out samples: the last 32 stories for MiniLM, windows
+block, top-k k) on all layers and on subsets of layers, learned-kernel linear attention with feature
+maps fitted by ``structattn.fit_linear`` on the calibration samples (all layers or a subset, with
+and without an exact local window; ``--only-linear`` runs just these rows and exact), plus the
+configuration chosen by ``structattn.calibrate`` (calibrated on held-out samples: the last 32 stories for MiniLM, windows
 after the evaluated ones for SmolLM2). FLOP fractions are the report's FLOP model: estimated /
 exact attention FLOPs summed over sites (``method.flops`` at the traced shapes).
 
@@ -29,6 +31,7 @@ Writes ``benchmarks/out/quality_<model>.csv``, ``quality_<model>.png`` and ``qua
     python benchmarks/quality.py                    # everything (about an hour on 2 CPU cores)
     python benchmarks/quality.py --model minilm     # one model
     python benchmarks/quality.py --quick            # a few configurations, fewer stories/windows
+    python benchmarks/quality.py --only-linear      # linear-attention rows (fits included) and exact
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ class SweepModel(RoutedModel):
                 est += float(exact_flops(site.shape))
                 continue
             method = get_method(choice[0])
-            params = method.make_params(choice[1])
+            params, _ = _bind(method, site.layer, site.shape, method.make_params(choice[1]))
             reason = method.supports(site.shape, params)
             if reason is not None:
                 return None, f"{site.layer}: {reason}"
@@ -106,7 +109,18 @@ class SweepModel(RoutedModel):
                 self.route(site.route_key, None)
             else:
                 method = get_method(choice[0])
-                self.route_method(site.route_key, method, method.make_params(choice[1]))
+                params, tensors = _bind(method, site.layer, site.shape, method.make_params(choice[1]))
+                self.route_method(site.route_key, method, params, tensors=tensors)
+
+
+def _bind(method, layer: str, shape: SiteShape, params) -> tuple:
+    """(params, constant tensors) as the compiled site gets them (``linear``: its fitted maps)."""
+    if not method.takes_tensors:
+        return params, ()
+    bound = method.bind(layer, shape, params)
+    if isinstance(bound, str):
+        raise RuntimeError(f"{layer}: {bound}")
+    return bound
 
 
 def configs_exact() -> Config:
@@ -164,6 +178,8 @@ def _short(method: str, p: dict) -> str:
                 f"{',sink' if p.get('sink_blocks') else ''})")
     if method == "topk":
         return f"K({p['k']})"
+    if method == "linear":
+        return f"L(w={p.get('local_window') or 0})"
     return method
 
 
@@ -171,6 +187,28 @@ def _span(idx: list[int]) -> str:
     if not idx:
         return "none"
     return ",".join(str(i) for i in idx)
+
+
+def fit_linear_maps(model, samples, tag: str, window: int, sinks: int, args, **kw) -> tuple[str, float]:
+    """``structattn.fit_linear`` on the calibration samples, saved to benchmarks/out/linear_<tag>_w<window>.pt;
+    returns (path, seconds). The per-layer summary (chosen map and loss, relative error) is printed."""
+    path = str(OUT / f"linear_{tag}_w{window}s{sinks}.pt")
+    t = time.time()
+    structattn.fit_linear(model, samples, feature_map=args.linear_maps, loss=args.linear_loss,
+                          steps=args.linear_steps, rows=args.linear_rows, local_window=window, sink_tokens=sinks,
+                          path=path, seed=0, progress=False, verbose=True, **kw)
+    seconds = time.time() - t
+    print(f"  fit_linear(window={window}, sinks={sinks}) took {seconds:.0f} s -> {path}", flush=True)
+    return path, seconds
+
+
+def linear_config(path: str, window: int, sinks: int, layers: str, n_layers: int, fit_seconds: float,
+                  note: str = "") -> Config:
+    shown = (f"w={window}" if window else "no window") + (f" sinks={sinks}" if sinks else "") + note
+    label = f"linear {shown}" + (f" [{layers}]" if layers != "all" else "")
+    cfg = uniform("linear", {"weights": path}, layers, n_layers, label, shown)
+    cfg.fit_seconds = round(fit_seconds, 1)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,8 +283,11 @@ def run_minilm(args) -> list[dict]:
             eager = torch.cat([data.embed(model, b) for b in batches[:2]])
         assert (eager - ref["emb"][: len(eager)]).abs().max() < 1e-4, "routed exact run differs from eager"
 
-        configs = [configs_exact()] if args.only_calibrated else minilm_configs(n, args.quick)
-        if not args.no_calibrate:
+        only = args.only_calibrated or args.only_linear
+        configs = [configs_exact()] if only else minilm_configs(n, args.quick)
+        if not args.no_linear and not args.only_calibrated:
+            configs += minilm_linear(model, tok, calib_docs, n, rm, args)
+        if not args.no_calibrate and not args.only_linear:
             configs += minilm_calibrated(model, tok, calib_docs, n, rm, args)
         held_out = torch.tensor([d not in set(calib_docs) for d in eval_docs])
         for cfg in configs:
@@ -265,16 +306,32 @@ def run_minilm(args) -> list[dict]:
                 "lee_pearson": round(data.pearson(sims, lee_sims), 4),
                 "lee_spearman": round(data.spearman(sims, lee_sims), 4),
                 "seconds": round(time.time() - t if cfg.per_layer else exact_s, 1),
+                "fit_seconds": getattr(cfg, "fit_seconds", ""),
             }
             rows.append(row)
             print(f"  {cfg.label:<34} FLOPs {100 * frac:5.1f}%  cos mean {row['mean_cos']:.4f} min "
                   f"{row['min_cos']:.4f}  Lee {row['lee_pearson']:.3f}/{row['lee_spearman']:.3f}  "
                   f"{row['seconds']:.0f}s", flush=True)
-        if not args.no_calibrate:
+        if not args.no_calibrate and not args.only_linear:
             cross_check_minilm(model, batches[:2], rows, rm, configs)
         rm.clear()
     torch._dynamo.reset()
     return rows
+
+
+def minilm_linear(model, tok, calib_docs, n, rm, args) -> list[Config]:
+    """Linear attention on MiniLM: maps fitted on the last 32 stories at length n (2 batches of 16),
+    evaluated on all 300: every layer without and with an exact window (+ the [CLS] token as a
+    sink), and layers 1-4 only (the first and last layers are the most sensitive)."""
+    samples = data.minilm_batches(tok, calib_docs, n, batch_size=16)
+    cfgs = []
+    for window, sinks in ((0, 0), (32, 1)) if args.quick else ((0, 0), (32, 1), (64, 1)):
+        path, secs = fit_linear_maps(model, samples, f"minilm_{n}", window, sinks, args)
+        cfgs.append(linear_config(path, window, sinks, "all", 6, secs))
+        if window in (0, 32):
+            cfgs.append(linear_config(path, window, sinks, "1-4", 6, secs))
+    rm.__init__(model, data.minilm_batches(tok, calib_docs[:25], n, batch_size=25)[0])   # fit reset dynamo
+    return cfgs
 
 
 def blocks_at_least_16(method: str):
@@ -412,6 +469,7 @@ def run_smollm2(args) -> list[dict]:
     stream = data.lee_token_stream(tok)
     rows = []
     plan = args.windows or ([(1024, 4)] if args.quick else [(1024, 16), (4096, 4)])
+    fitted: dict = {}        # (local window, sinks) -> (path, seconds): maps fitted once, on 1K windows
     for window, count in plan:
         t0 = time.time()
         wins = data.lm_windows(stream, window, count + (4 if window <= 1024 else 1))
@@ -438,8 +496,11 @@ def run_smollm2(args) -> list[dict]:
         ref_nll, ref_top = evaluate(Config("exact", "exact", "-", "none"))
         exact_s = time.time() - t
         ref_ppl = math.exp(float(ref_nll.double().mean()))
-        configs = [configs_exact()] if args.only_calibrated else smollm2_configs(window, args.quick)
-        if not args.no_calibrate:
+        only = args.only_calibrated or args.only_linear
+        configs = [configs_exact()] if only else smollm2_configs(window, args.quick)
+        if not args.no_linear and not args.only_calibrated:
+            configs += smollm2_linear(model, stream, window, rm, args, fitted)
+        if not args.no_calibrate and not args.only_linear:
             configs += smollm2_calibrated(model, calib_w, window, rm, args)
         for cfg in configs:
             frac, why = rm.flop_fraction(cfg)
@@ -457,6 +518,7 @@ def run_smollm2(args) -> list[dict]:
                 "causal_flop_fraction": round(causal_fraction(cfg, window), 4), "ppl": round(ppl, 3),
                 "ppl_ratio": round(ppl / ref_ppl, 4), "top1_agree": round(float((top == ref_top).double().mean()), 4),
                 "seconds": round(time.time() - t if cfg.per_layer else exact_s, 1),
+                "fit_seconds": getattr(cfg, "fit_seconds", ""),
             }
             rows.append(row)
             print(f"  {cfg.label:<30} FLOPs {100 * frac:5.1f}% (causal-aware {100 * row['causal_flop_fraction']:5.1f}%)"
@@ -465,6 +527,25 @@ def run_smollm2(args) -> list[dict]:
         rm.clear()
     torch._dynamo.reset()
     return rows
+
+
+#: SmolLM2 linear settings: (exact local window, sink tokens)
+LM_LINEAR = ((0, 0), (64, 4), (256, 4))
+
+
+def smollm2_linear(model, stream, window, rm, args, fitted: dict) -> list[Config]:
+    """Linear attention on SmolLM2, maps fitted ONCE on 4 x 1K windows (tokens 16K-20K, after every
+    evaluated window at 1K and at 4K) and used at every length: all 30 layers without a window (pure linear), with exact windows of 64 / 256 keys plus 4
+    sink tokens, and the window of 64 on layers 15-29 only (the less sensitive half)."""
+    settings = LM_LINEAR[:2] if args.quick else LM_LINEAR
+    fit_w = data.lm_windows(stream, 1024, 20)[16:]
+    for w, s in settings:
+        if (w, s) not in fitted:
+            fitted[(w, s)] = fit_linear_maps(model, [{"input_ids": x[None]} for x in fit_w], "smollm2_1k", w, s, args)
+    rm.__init__(model, {"input_ids": data.lm_windows(stream, window, 1)})            # fit reset dynamo
+    cfgs = [linear_config(fitted[(w, s)][0], w, s, "all", 30, fitted[(w, s)][1], " (fit 1K)") for w, s in settings]
+    cfgs.append(linear_config(fitted[(64, 4)][0], 64, 4, "15-29", 30, fitted[(64, 4)][1], " (fit 1K)"))
+    return cfgs
 
 
 def smollm2_calibrated(model, calib_w, window, rm, args) -> list[Config]:
@@ -496,7 +577,7 @@ def _number(x: str):
     return x
 
 
-def merge_rows(rows: list[dict], name: str, only_calibrated: bool = False) -> list[dict]:
+def merge_rows(rows: list[dict], name: str, only_calibrated: bool = False, only_linear: bool = False) -> list[dict]:
     """This run's rows plus the rows of other lengths already in ``quality_<name>.csv`` (so the
     model can be run one length at a time); with ``only_calibrated`` just the calibrated rows of
     this run's lengths are replaced."""
@@ -506,9 +587,10 @@ def merge_rows(rows: list[dict], name: str, only_calibrated: bool = False) -> li
     done = {r["seq_len"] for r in rows}
     with open(path, newline="") as f:
         old = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    if only_calibrated:
-        rows = [r for r in rows if r["method"] == "calibrated"]
-        kept = [r for r in old if not (r["seq_len"] in done and r["method"] == "calibrated")]
+    if only_calibrated or only_linear:
+        family = "calibrated" if only_calibrated else "linear"
+        rows = [r for r in rows if r["method"] == family]
+        kept = [r for r in old if not (r["seq_len"] in done and r["method"] == family)]
     else:
         kept = [r for r in old if r["seq_len"] not in done]
     return sorted(kept + rows, key=lambda r: r["seq_len"]) if kept else rows
@@ -564,7 +646,7 @@ def plot(rows: list[dict], name: str, metric: str, ylabel: str, target: Optional
     lengths = sorted({r["seq_len"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     colors = {"exact": "black", "monarch": "tab:blue", "mra": "tab:orange", "topk": "tab:green",
-              "calibrated": "tab:red"}
+              "linear": "tab:purple", "calibrated": "tab:red"}
     for ax, n in zip(axes[0], lengths):
         for fam, color in colors.items():
             pts = [r for r in rows if r["seq_len"] == n and r["method"] == fam]
@@ -612,18 +694,27 @@ def main(argv=None) -> None:
     p.add_argument("--plot-only", action="store_true", help="redraw PNG and tables from the CSVs in benchmarks/out")
     p.add_argument("--only-calibrated", action="store_true",
                    help="rerun only the calibrated configurations (and exact), keep the other rows of the CSV")
+    p.add_argument("--only-linear", action="store_true",
+                   help="rerun only the linear-attention configurations (fits included), keep the other rows")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear-attention rows (and their fits)")
+    p.add_argument("--linear-maps", default="hedgehog",
+                   help="fit_linear feature_map: hedgehog | gated | mlp | auto (compare all three per layer)")
+    p.add_argument("--linear-loss", default="auto", help="fit_linear loss: ce | mse | auto (compare both per layer)")
+    p.add_argument("--linear-steps", type=int, default=300, help="fit_linear steps per layer")
+    p.add_argument("--linear-rows", type=int, default=128, help="fit_linear query rows per step")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     md = []
     if args.model in ("minilm", "all"):
-        rows = merge_rows([] if args.plot_only else run_minilm(args), "minilm", args.only_calibrated)
+        rows = merge_rows([] if args.plot_only else run_minilm(args), "minilm", args.only_calibrated, args.only_linear)
         print("wrote", write_csv(rows, "minilm"),
               plot(rows, "MiniLM", "mean_cos", "mean embedding cosine vs exact", target=0.99))
         md.append("### all-MiniLM-L6-v2\n\n" + markdown(rows, "MiniLM"))
     if args.model in ("smollm2", "all"):
-        rows = merge_rows([] if args.plot_only else run_smollm2(args), "smollm2", args.only_calibrated)
+        rows = merge_rows([] if args.plot_only else run_smollm2(args), "smollm2", args.only_calibrated,
+                          args.only_linear)
         print("wrote", write_csv(rows, "smollm2"),
               plot(rows, "SmolLM2", "ppl_ratio", "perplexity / exact perplexity (lee_background)", target=1.05))
         md.append("### SmolLM2-135M-Instruct\n\n" + markdown(rows, "SmolLM2"))

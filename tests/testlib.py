@@ -106,6 +106,12 @@ def case_mask(kind: str, seed: int):
     return bias + torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def case_shape(kind: str) -> SiteShape:
+    """The ``SiteShape`` of the registry cases for a mask kind."""
+    B, H, Hk, N, D, Dv = CASE_SIZES
+    return SiteShape(B, H, Hk, N, N, D, Dv, kind, torch.float64)
+
+
 def case_qkv(dtype=torch.float64, seed=0):
     """q, k, v of ``CASE_SIZES`` (queries a bit peaky: spread 1.5)."""
     B, H, Hk, N, D, Dv = CASE_SIZES

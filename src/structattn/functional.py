@@ -30,19 +30,21 @@ from typing import Optional, Sequence
 
 import torch
 
-from .lowering.ops import IMPLS, check_inputs, check_mods, mod_args, op_args, op_for
+from .lowering.ops import IMPLS, check_inputs, check_mods, mod_args, op_for
 from .methods import REGISTRY, get_method
 from .methods.base import ScoreMods
 
-__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention"]
+__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention", "linear_attention"]
 
 
 def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
               is_causal: bool = False, *, impl: str = "auto", score_mod: str = "",
-              score_tensors: Sequence[torch.Tensor] = (), window: Optional[tuple] = None, **params) -> torch.Tensor:
-    """Attention by the registered method ``method`` with its ``params`` (validated) and the score
-    modifications ``score_mod`` / ``score_tensors`` / ``window`` (module docstring)."""
+              score_tensors: Sequence[torch.Tensor] = (), window: Optional[tuple] = None,
+              tensors: Sequence[torch.Tensor] = (), **params) -> torch.Tensor:
+    """Attention by the registered method ``method`` with its ``params`` (validated), the score
+    modifications ``score_mod`` / ``score_tensors`` / ``window`` (module docstring), and ``tensors``,
+    the constant tensors of a method that takes them (``Method.takes_tensors``)."""
     what = f"structattn.functional.{method}_attention"
     if impl not in IMPLS:
         raise ValueError(f"{what}: impl must be one of {list(IMPLS)}; got {impl!r}")
@@ -56,7 +58,11 @@ def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
         check_inputs(q, k, v, attn_mask, what)
         check_mods(mods, what)
         _check_supported(method, q, k, v, attn_mask, is_causal, pargs, what, mods)
-    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, "", *mod_args(mods), *pargs)
+    extra = (list(tensors),) if get_method(method).takes_tensors else ()
+    if tensors and not extra:
+        raise ValueError(f"{what}: method {method!r} takes no tensors; got {len(tensors)}")
+    return op_for(method)(q, k, v, attn_mask, float(scale), bool(is_causal), 0, impl, "", *mod_args(mods), *pargs,
+                          *extra)
 
 
 def _window(window: Optional[tuple], what: str) -> tuple[int, int]:
@@ -80,7 +86,8 @@ def _window(window: Optional[tuple], what: str) -> tuple[int, int]:
 def _param_args(method: str, items: tuple) -> tuple:
     """Validated parameter values in op-schema order (a constant for dynamo: no graph break)."""
     m = get_method(method)
-    return op_args(m, m.make_params(dict(items), where=f"{method}_attention"))
+    params = m.make_params(dict(items), where=f"{method}_attention")
+    return tuple(getattr(params, f.name) for f in m.param_fields())
 
 
 def _check_supported(method: str, q, k, v, attn_mask, is_causal: bool, pargs: tuple, what: str,
@@ -159,6 +166,25 @@ def topk_attention(q, k, v, /, attn_mask=None, scale=None, is_causal=False, *, c
     budget = kw.pop("k", 64)
     return attention("topk", q, k, v, attn_mask, scale, is_causal, impl=impl, k=budget, chunk_size=chunk_size,
                      **_mods(kw, "topk_attention"))
+
+
+def linear_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, maps, chunk_size=64, impl="auto"):
+    """Learned-kernel linear attention (Yorsh & Kovalenko 2022) with fitted feature maps.
+
+    ``maps`` is a ``structattn.methods.linear.FeatureMaps`` (one layer's fitted maps: from
+    ``structattn.fit_linear(...).layers[name]``, ``structattn.methods.linear.load_maps(path)[name]``
+    or ``FeatureMaps.init`` for unfitted ones); its ``local_window`` and ``sink_tokens`` (exact
+    softmax over the nearest keys and the first keys, merged with the linear rest under one
+    normaliser) are the ones it was fitted with. Key-padding and causal masks only.
+    """
+    from .methods.linear.maps import FeatureMaps
+
+    if not isinstance(maps, FeatureMaps):
+        raise ValueError(f"linear_attention: maps must be a structattn.methods.linear.FeatureMaps; "
+                         f"got {type(maps).__name__}")
+    return attention("linear", q, k, v, attn_mask, scale, is_causal, impl=impl, tensors=maps.tensors(q.device),
+                     feature_map=maps.kind, num_features=maps.num_features, local_window=maps.local_window,
+                     sink_tokens=maps.sink_tokens, chunk_size=chunk_size)
 
 
 def __getattr__(name: str):

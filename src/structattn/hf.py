@@ -281,7 +281,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     method, params = get_method(resolved.method), resolved.params
     site = SiteShape(query.shape[0], query.shape[1], key.shape[1], q_len, key.shape[2], query.shape[3],
                      value.shape[3], kind, query.dtype)
-    reason = method.supports(site, params)
+    tensors = ()
+    bound = method.bind(layer, site, params, query.device)      # fitted constants (``linear``)
+    if isinstance(bound, str):
+        reason = bound
+    else:
+        params, tensors = bound
+        reason = method.supports(site, params)
     if reason is not None:
         sliding = kwargs.get("sliding_window")
         where = f" (sliding_window={sliding})" if sliding is not None and kind == "general" else ""
@@ -298,7 +304,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             reason = f"kv length below min_seq_len {threshold}" + (" (auto)" if config.min_seq_len == "auto" else "")
     # decided above: the op runs what was chosen (min_seq_len 0), so the record tells the truth
     out = op_for(method)(query, key, value, mask, scale, bool(causal), 0 if reason is None else 1 << 62,
-                         config.impl, "", *mod_args(None), *op_args(method, params))
+                         config.impl, "", *mod_args(None), *op_args(method, params, tensors))
     ran = method.name if reason is None else "exact"
     _record(binding, layer, resolved, query, key, value, ran, params if reason is None else None, reason,
             True, shown)

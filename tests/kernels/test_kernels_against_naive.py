@@ -11,7 +11,7 @@ import torch
 
 from structattn.methods import REGISTRY
 
-from testlib import case_id, case_mask, case_qkv, check_rows, naive_module, registry_cases
+from testlib import case_id, case_mask, case_qkv, case_shape, check_rows, naive_module, registry_cases
 
 CASES = [c for c in registry_cases(("key_padding", "causal"), per_kind=1, defaults=False) if REGISTRY[c[0]].kernel_module]
 
@@ -24,11 +24,11 @@ def test_every_kernel_is_covered():
 def test_kernel_equals_naive(case):
     name, kind, values = case
     method = REGISTRY[name]
-    params = method.make_params(values)
     q, k, v = case_qkv(torch.float32, seed=3)
+    params, tensors = method.example_binding(case_shape(kind), method.make_params(values), 3)
     mask, causal = case_mask(kind, 3), kind.startswith("causal")
     mask = None if mask is None else mask.float()
-    out = importlib.import_module(method.kernel_module).forward(q, k, v, mask, 0.4, causal, params)
-    ref = naive_module(method).forward(q, k, v, mask, 0.4, causal, params)
+    out = importlib.import_module(method.kernel_module).forward(q, k, v, mask, 0.4, causal, params, *tensors)
+    ref = naive_module(method).forward(q, k, v, mask, 0.4, causal, params, *tensors)
     # top-k may keep another k-th key where two scores nearly tie in fp32: one row may differ
     check_rows(out, ref, torch.float32)

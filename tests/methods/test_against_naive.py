@@ -10,7 +10,7 @@ import torch
 
 from structattn.methods import REGISTRY
 
-from testlib import TOL, case_id, case_mask, case_qkv, naive_module, registry_cases, rel_err
+from testlib import TOL, case_id, case_mask, case_qkv, case_shape, naive_module, registry_cases, rel_err
 
 CASES = registry_cases()
 
@@ -25,10 +25,11 @@ def test_every_method_with_a_reference_is_covered():
 def test_torch_path_equals_naive_in_float64(seed, case):
     name, kind, values = case
     method = REGISTRY[name]
-    params = method.make_params(values)
     q, k, v = case_qkv(seed=seed)
+    # a method with constants (``takes_tensors``) gets unfitted ones for this shape
+    params, tensors = method.example_binding(case_shape(kind), method.make_params(values), seed)
     mask, causal = case_mask(kind, seed), kind.startswith("causal")
-    out = method.forward(q, k, v, mask, 0.4, causal, params)
-    ref = naive_module(method).forward(q, k, v, mask, 0.4, causal, params)
+    out = method.forward(q, k, v, mask, 0.4, causal, params, *tensors)
+    ref = naive_module(method).forward(q, k, v, mask, 0.4, causal, params, *tensors)
     assert out.dtype == torch.float64 and out.shape == ref.shape
     assert rel_err(out, ref) < TOL[torch.float64]

@@ -24,9 +24,10 @@ E2E_KEYS = ("cosine", "min_cosine", "metric")
 
 def default_methods() -> list[str]:
     """The methods tried when ``methods=None``: every registered method with a candidate grid
-    (``Method.candidates`` overridden), exact excluded, in registry order."""
+    (``Method.candidates`` overridden), exact excluded, in registry order. Methods fitted per layer
+    (``takes_tensors``, e.g. ``linear``: a fit and a weights file) are tried only when named."""
     return [name for name, m in REGISTRY.items()
-            if name != "exact" and type(m).candidates is not Method.candidates]
+            if name != "exact" and type(m).candidates is not Method.candidates and not m.takes_tensors]
 
 
 def default_candidates(method: str, shape: SiteShape) -> list[dict]:
@@ -49,6 +50,7 @@ def calibrate(
     max_kv_heads: Optional[int] = None,
     max_evals: Optional[int] = None,
     screen: bool = True,
+    fit_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
     progress: bool = True,
     verbose: bool = True,
 ) -> CalibratedOptions:
@@ -70,7 +72,12 @@ def calibrate(
             exact ``output_fn`` results, over the last dim, >= value), ``"min_cosine"`` (their
             minimum >= value), ``"metric"`` (``metric_fn(...) <= value``). The end-to-end keys are
             measured on the whole model.
-        methods: method names to try (default ``("monarch", "mra", "topk")``); exact is always allowed.
+        methods: method names to try (default: ``default_methods()``); exact is always allowed.
+            ``"linear"`` (never a default) fits feature maps per layer on the captured calls
+            (``fit_linear``'s fit, the op settings from ``options["linear"]``) into the file
+            ``options["linear"]["weights"]`` names (required), and is then measured like every other
+            candidate: layers where it does not meet the budget keep another method or exact (their
+            maps stay in the file, unused).
         output_fn: ``output_fn(output, sample) -> Tensor`` (``sample`` is the dict / tuple given;
             anything but a tensor is a ValueError),
             what end-to-end budgets compare (e.g. pooled sentence embeddings, or per-token NLL for a
@@ -81,7 +88,8 @@ def calibrate(
             of perplexity).
         options: base backend options (``compiler``, ``min_seq_len``, ``impl``, ``causal``, ``layers``
             for declared-causal rules...). They are used for capture and kept in the result; the
-            calibrated per-layer entries come first in ``"layers"``.
+            calibrated per-layer entries come first in ``"layers"``. Per-method entries
+            (``options["linear"]`` ...) fill what a candidate leaves unset.
         layers: fnmatch globs of the layers that may be approximated (default: all); others stay exact.
         candidates: per method, a list of parameter dicts or ``fn(SiteShape) -> list of dicts``
             replacing that method's own grid (``Method.candidates``).
@@ -92,6 +100,9 @@ def calibrate(
         screen: with more than 6 candidates for a layer, first measure them all on a small probe
             (the first call, <= 2 kv heads, <= 4 batch items) and measure in full only those within
             1.2x of the probe's Pareto front (a 2-5x saving; ``False`` measures every candidate).
+        fit_options: per method fitted on the samples, the settings of its fit, e.g.
+            ``{"linear": {"steps": 100, "feature_map": "hedgehog"}}`` (``fit_linear``'s arguments
+            other than the op settings).
         progress: show tqdm progress bars. verbose: print the summary.
 
     Returns:
@@ -121,8 +132,10 @@ def calibrate(
                           f"exact", stacklevel=2)
         # 2. per layer: every candidate's error and FLOPs, and the Pareto front
         groups, masks = _layers(rm.sites)
+        method_options = {name: dict(base[name]) for name in REGISTRY if isinstance(base.get(name), Mapping)}
+        fit = _fitter(dict(fit_options or {}), progress, verbose)
         choices = measure_layers(groups, masks, store, names, candidates, layers, budget.get("layer_error"),
-                                 max_kv_heads, min_seq_len, impl, screen, progress)
+                                 max_kv_heads, min_seq_len, impl, screen, progress, method_options, fit)
         # 3. choose
         evaluations: list = []
         metrics: dict = {}
@@ -222,6 +235,29 @@ def _check_options(options, layers, max_kv_heads, max_evals, candidates) -> dict
     for name in candidates or ():
         check_methods([name])
     return base
+
+
+def _fitter(fit_options: dict, progress: bool, verbose: bool) -> Callable:
+    """``fit(method, layer, calls, shapes, params) -> (params, tensors, reason)`` for methods with
+    per-layer constants: the method's ``fit_site`` hook first when it has one (linear fits its maps
+    on the captured calls and adds them to its weights file), then ``bind`` as the compiled site
+    will; a refusal gives ``(params, (), reason)``."""
+    unknown = sorted(set(fit_options) - set(REGISTRY))
+    if unknown:
+        raise ValueError(f"calibrate: fit_options names unknown methods {unknown}; allowed: {sorted(REGISTRY)}")
+
+    def fit(method, layer: str, calls: list, shapes: list, params):
+        hook = getattr(method, "fit_site", None)
+        if hook is not None:
+            params = hook(layer, calls, params, progress=progress, verbose=verbose,
+                          **dict(fit_options.get(method.name, {})))
+        bound = method.bind(layer, shapes[0], params)
+        if isinstance(bound, str):
+            return params, (), bound
+        params, tensors = bound
+        reason = next((r for r in (method.supports(sh, params) for sh in shapes) if r), None)
+        return params, tensors, reason
+    return fit
 
 
 def _set_eval(model: Any) -> Callable[[], None]:

@@ -71,9 +71,11 @@ class RoutedModel:
         else:
             self.keys.add(key)
 
-    def route_method(self, key: str, method, params, min_seq_len: int = 0, impl: str = "auto") -> None:
-        """Site ``key`` runs ``method`` with ``params`` as its rewritten op would (same dispatch)."""
-        self.route(key, routed.method_route(method, params, min_seq_len, impl))
+    def route_method(self, key: str, method, params, min_seq_len: int = 0, impl: str = "auto",
+                     tensors: tuple = ()) -> None:
+        """Site ``key`` runs ``method`` with ``params`` (and its constant ``tensors``, see
+        ``Method.bind``) as its rewritten op would (same dispatch)."""
+        self.route(key, routed.method_route(method, params, min_seq_len, impl, tensors))
 
     def clear(self) -> None:
         """Every site back to exact attention."""

@@ -73,12 +73,13 @@ def shape_of(call: Call, mask_kind: str) -> SiteShape:
                      terms_of(call.mods.text, call.mods.window_left, call.mods.window_right))
 
 
-def layer_error(method, params, calls: list, min_seq_len: int, impl: str) -> float:
-    """Relative Frobenius error of ``method`` over ``calls`` (weighted rows; inf if non-finite)."""
+def layer_error(method, params, calls: list, min_seq_len: int, impl: str, tensors: tuple = ()) -> float:
+    """Relative Frobenius error of ``method`` over ``calls`` (weighted rows; inf if non-finite);
+    ``tensors``: the layer's constants for a method that takes them (``Method.bind``)."""
     num = den = 0.0
     for call in calls:
         out = run_method(method, call.q, call.k, call.v, call.mask, call.scale, call.is_causal, min_seq_len, impl,
-                         params, mods=call.mods).to(call.out.dtype)
+                         params, mods=call.mods, tensors=tensors).to(call.out.dtype)
         diff = (out - call.out).double()
         ref = call.out.double()
         w = row_weights(call)
@@ -103,7 +104,8 @@ def grid(name: str, shape: SiteShape, candidates) -> list[dict]:
 @dataclasses.dataclass
 class LayerPlan:
     """What will be measured for one layer: its calls, their shapes, the candidates
-    ``(method, params, params dict, FLOPs)`` every one of its sites supports, and the refusals."""
+    ``(method, params, params dict, FLOPs, constant tensors)`` every one of its sites supports, and
+    the refusals."""
 
     layer: str
     kinds: str
@@ -113,24 +115,36 @@ class LayerPlan:
     refused: dict
 
 
-def plan_layer(layer: str, calls: list, shapes: list, names: list, candidates, allowed: Optional[list]) -> LayerPlan:
+def plan_layer(layer: str, calls: list, shapes: list, names: list, candidates, allowed: Optional[list],
+               method_options: Optional[dict] = None, fit: Optional[Callable] = None) -> LayerPlan:
     """Candidates for one layer, before measuring: from each method's grid (at the first call's
-    shape), kept when every site supports them and they cost fewer FLOPs than exact attention."""
+    shape; ``method_options[name]``, e.g. ``options["linear"]``, fills what a candidate leaves
+    unset), kept when every site supports them and they cost fewer FLOPs than exact attention.
+    A method with per-layer constants (``takes_tensors``) gets them from ``fit(method, layer,
+    calls, shapes, params) -> (params, tensors, reason)`` once the cheap checks passed."""
     todo, refused = [], {}
     if allowed is None or any(fnmatch.fnmatchcase(layer, p) for p in allowed):
         exact_f = sum(float(exact_flops(sh)) for sh in shapes)
         for name in names:
             method = get_method(name)
             for values in grid(name, shapes[0], candidates):
-                params = method.make_params(dict(values), where=f"calibrate candidates[{name!r}]")
+                values = {**(method_options or {}).get(name, {}), **values}
+                params = method.make_params(values, where=f"calibrate candidates[{name!r}]")
                 reason = next((r for r in (method.supports(sh, params) for sh in shapes) if r), None)
+                if reason is None and sum(float(method.flops(sh, params)) for sh in shapes) >= exact_f:
+                    continue
+                tensors = ()
+                if reason is None and method.takes_tensors:
+                    if fit is None:
+                        raise ValueError(f"calibrate: method {name!r} needs per-layer constants and no fit was given")
+                    params, tensors, reason = fit(method, layer, calls, shapes, params)
                 if reason is not None:
                     refused.setdefault(name, reason)
                     continue
                 flops = sum(float(method.flops(sh, params)) for sh in shapes)
                 if flops < exact_f:
                     full = {f.name: getattr(params, f.name) for f in method.param_fields()}
-                    todo.append((method, params, full, flops))
+                    todo.append((method, params, full, flops, tensors))
     kinds = ", ".join(dict.fromkeys(sh.mask for sh in shapes))
     return LayerPlan(layer, kinds, calls, shapes, todo, refused)
 
@@ -142,7 +156,10 @@ def measure_layer(plan: LayerPlan, cap: Optional[float], max_kv_heads, min_seq_l
     sampled = [subsample(c, max_kv_heads) for c in plan.calls]
     exact_f = sum(float(exact_flops(sh)) for sh in plan.shapes)
     measured = [Candidate("exact", {}, 0.0, exact_f, exact_f)]
-    todo, screened_out = plan.todo, 0
+    # candidates with constants (fitted per layer for every head) are measured on every call and
+    # head, never screened on a probe
+    fixed = [c for c in plan.todo if c[4]]
+    todo, screened_out = [c for c in plan.todo if not c[4]], 0
     with torch.no_grad():
         probe = [subsample(sampled[0], SCREEN_KV_HEADS, SCREEN_BATCH)]
         work = sum(c.q.numel() * c.k.shape[-2] for c in sampled)
@@ -156,8 +173,8 @@ def measure_layer(plan: LayerPlan, cap: Optional[float], max_kv_heads, min_seq_l
             todo = [rough[i][0] for i in kept]
             bar.total += len(todo)
             bar.refresh()
-        for method, params, full, flops in todo:
-            err = layer_error(method, params, sampled, min_seq_len, impl)
+        for method, params, full, flops, tensors in todo + fixed:
+            err = layer_error(method, params, plan.calls if tensors else sampled, min_seq_len, impl, tensors)
             measured.append(Candidate(method.name, full, err, flops, exact_f))
             bar.update(1)
     front = pareto_front(measured[1:], measured[0], cap)
@@ -167,19 +184,32 @@ def measure_layer(plan: LayerPlan, cap: Optional[float], max_kv_heads, min_seq_l
 
 
 def measure_layers(groups: dict, masks: dict, store: dict, names: list, candidates, allowed, cap, max_kv_heads,
-                   min_seq_len: int, impl: str, screen: bool, progress: bool) -> list[LayerChoice]:
+                   min_seq_len: int, impl: str, screen: bool, progress: bool, method_options: Optional[dict] = None,
+                   fit: Optional[Callable] = None) -> list[LayerChoice]:
     """One ``LayerChoice`` per layer with captured calls (``groups``: layer -> site keys; ``masks``:
-    site key -> mask kind; ``store``: site key -> calls)."""
+    site key -> mask kind; ``store``: site key -> calls; ``method_options`` and ``fit`` as in
+    ``plan_layer``)."""
     plans = []
     for layer, keys in groups.items():
         calls = [c for key in keys for c in store.get(key, [])]
         if calls:
             shapes = [shape_of(c, masks[key]) for key in keys for c in store.get(key, [])]
-            plans.append(plan_layer(layer, calls, shapes, names, candidates, allowed))
+            plans.append(plan_layer(layer, calls, shapes, names, candidates, allowed, method_options, fit))
     bar = progress_bar(None, progress, "calibrate: layer errors", total=sum(len(p.todo) for p in plans))
     choices = [measure_layer(p, cap, max_kv_heads, min_seq_len, impl, screen, bar) for p in plans]
     bar.close()
     return choices
+
+
+def _bound(method, choice: LayerChoice, params) -> tuple:
+    """(params, tensors) of ``method.bind`` for the layer of ``choice`` (a refusal here means the
+    weights changed since the layer was measured: an error)."""
+    shape = SiteShape(1, choice.num_heads, choice.num_kv_heads, choice.q_len, choice.kv_len, choice.head_dim,
+                      choice.head_dim)
+    bound = method.bind(choice.layer, shape, params)
+    if isinstance(bound, str):
+        raise RuntimeError(f"calibrate: {method.name} on {choice.layer!r} was measured but now refuses: {bound}")
+    return bound
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,7 +244,10 @@ class EndToEnd:
                     self.rm.route(key, None)
                 else:
                     method = get_method(cand.method)
-                    self.rm.route_method(key, method, method.make_params(cand.params), self.min_seq_len, self.impl)
+                    params, tensors = method.make_params(cand.params), ()
+                    if method.takes_tensors:        # the constants the compiled site will get
+                        params, tensors = _bound(method, c, params)
+                    self.rm.route_method(key, method, params, self.min_seq_len, self.impl, tensors)
         outs = []
         for s in self.samples:
             out = self.rm(*s[0], **s[1])
@@ -228,6 +261,7 @@ class EndToEnd:
         return ok, metrics
 
     def _metrics(self, outs: list, exact: bool = False) -> dict:
+        """The budget's end-to-end metrics of ``outs`` against the exact outputs."""
         metrics = {}
         if "cosine" in self.budget or "min_cosine" in self.budget:
             if exact:

@@ -6,7 +6,10 @@ symbolic shapes and an autograd formula that calls ``structattn::<name>_attentio
 op body dispatches at run time (``run_method``): sequences shorter than ``min_seq_len`` go exact;
 CUDA tensors go to the method's Triton module (``Method.kernel_module``) when it has one and its
 run-time ``supports`` accepts the inputs (``impl="auto"``); everything else runs the method's
-plain-torch ``forward``. The op contract is in docs/architecture.md.
+plain-torch ``forward``. A method with ``takes_tensors`` (see ``methods.base``) has one more
+argument, ``Tensor[] tensors`` (its per-site constants, e.g. fitted weights), handed to its
+``forward`` / kernel as trailing positional arguments; they get no gradient. The op contract
+is in docs/architecture.md.
 
 We use ``Library.define`` + a CompositeExplicitAutograd impl rather than ``triton_op``: the body
 branches on device and on ``min_seq_len`` at run time, which a traced ``triton_op`` cannot do on
@@ -49,7 +52,15 @@ def _schema_type(hint: Any) -> str:
 
 def _param_schema(method: Method) -> str:
     hints = typing.get_type_hints(method.Params)
-    return "".join(f", {_schema_type(hints[f.name])} {f.name}" for f in method.param_fields())
+    schema = "".join(f", {_schema_type(hints[f.name])} {f.name}" for f in method.param_fields())
+    return schema + (", Tensor[] tensors" if method.takes_tensors else "")
+
+
+def _unpack(method: Method, pvalues: tuple) -> tuple[Any, tuple]:
+    """The op's trailing arguments as (params, constant tensors)."""
+    if method.takes_tensors:
+        return method.Params(*pvalues[:-1]), tuple(pvalues[-1])
+    return method.Params(*pvalues), ()
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], what: str) -> None:
@@ -109,20 +120,22 @@ def check_mods(mods: ScoreMods, what: str) -> None:
 
 
 def run_method(method: Method, q, k, v, attn_mask, scale: float, is_causal: bool, min_seq_len: int,
-               impl: str, params: Any, dead_rows: str = "", mods: Optional[ScoreMods] = None) -> torch.Tensor:
+               impl: str, params: Any, dead_rows: str = "", mods: Optional[ScoreMods] = None,
+               tensors: tuple = ()) -> torch.Tensor:
     """Run ``method`` on concrete tensors, choosing exact / Triton / plain torch as documented,
-    then give fully masked query rows eager's answer when ``dead_rows`` says how (see dead_rows.py)."""
+    then give fully masked query rows eager's answer when ``dead_rows`` says how (see dead_rows.py).
+    ``tensors``: the site's constant tensors (methods with ``takes_tensors``)."""
     mods = NO_MODS if mods is None else mods
     if k.shape[-2] < min_seq_len:
-        method, params = get_method("exact"), get_method("exact").Params()
+        method, params, tensors = get_method("exact"), get_method("exact").Params(), ()
     kernel = _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params, mods)
     if kernel is not None:
         if mods.empty:
-            out = kernel(q, k, v, attn_mask, scale, is_causal, params)
+            out = kernel(q, k, v, attn_mask, scale, is_causal, params, *tensors)
         else:
-            out = kernel(q, k, v, attn_mask, scale, is_causal, params, mods=mods)
+            out = kernel(q, k, v, attn_mask, scale, is_causal, params, *tensors, mods=mods)
     else:
-        out = method.run(q, k, v, attn_mask, scale, is_causal, params, mods)
+        out = method.run(q, k, v, attn_mask, scale, is_causal, params, mods, *tensors)
     return apply_dead_rows(out, q, k, v, attn_mask, scale, is_causal, dead_rows, mods)
 
 
@@ -188,8 +201,9 @@ def _define(method: Method) -> Any:
         empty = empty_result(q, k, v)   # an empty dimension: SDPA's result, whatever the method
         if empty is not None:
             return empty
-        out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, method.Params(*pvalues),
-                         dead_rows, mods)
+        params, tensors = _unpack(method, pvalues)
+        out = run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, params, dead_rows, mods,
+                         tensors)
         # the fake impl promises a contiguous [B, H, Nq, Dv] tensor (inductor checks strides)
         return out.to(q.dtype).contiguous()
 
@@ -205,7 +219,7 @@ def _define(method: Method) -> Any:
         wanted = [bool(score_grads >> i & 1) and t.is_floating_point() for i, t in enumerate(score_tensors)]
         if empty_result(q, k, v) is not None:  # the output is empty or constant zeros
             return tuple(t.new_zeros(t.shape) for t in (q, k, v)) + ([t.new_zeros(t.shape) for t in score_tensors],)
-        params = method.Params(*pvalues)
+        params, consts = _unpack(method, pvalues)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
             tensors = [t.detach().requires_grad_(True) if w else t for t, w in zip(score_tensors, wanted)]
@@ -213,7 +227,7 @@ def _define(method: Method) -> Any:
             # The backward differentiates the plain-torch formulation (exactly what the CPU path
             # computes; on CUDA the same math as the kernel, recomputed by torch).
             out = run_method(method, *leaves, attn_mask, scale, is_causal, min_seq_len, "torch", params, dead_rows,
-                             mods)
+                             mods, consts)
             inputs = leaves + [t for t, w in zip(tensors, wanted) if w]
             grads = list(torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True))
         gq, gk, gv = (t.new_zeros(t.shape) if g is None else g.to(t.dtype).contiguous()
@@ -254,7 +268,9 @@ def _define(method: Method) -> Any:
         before, after = ctx.rest
         gq, gk, gv, gt = backward_op(grad, ctx.score_grads, q, k, v, attn_mask, *before, score_tensors, *after)
         tensor_grads = [g if ctx.score_grads >> i & 1 else None for i, g in enumerate(gt)]
-        return (gq, gk, gv, None) + (None,) * 6 + (tensor_grads,) + (None,) * len(after)
+        # no gradient for the parameters, nor for a method's constant tensors (a list input gets a list)
+        rest = tuple([None] * len(r) if isinstance(r, (list, tuple)) else None for r in after)
+        return (gq, gk, gv, None) + (None,) * 6 + (tensor_grads,) + rest
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_LIB)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
@@ -274,9 +290,11 @@ def register_all() -> None:
         op_for(method)
 
 
-def op_args(method: Method, params: Any) -> tuple:
-    """The op's trailing parameter arguments, in schema order."""
-    return tuple(getattr(params, f.name) for f in method.param_fields())
+def op_args(method: Method, params: Any, tensors: Any = ()) -> tuple:
+    """The op's trailing arguments in schema order: the parameters, then (methods with
+    ``takes_tensors`` only) the list of constant tensors (or FX nodes)."""
+    args = tuple(getattr(params, f.name) for f in method.param_fields())
+    return args + ((list(tensors),) if method.takes_tensors else ())
 
 
 def mod_args(mods: Optional[ScoreMods]) -> tuple:

@@ -61,9 +61,11 @@ def route(site: str, fn: Optional[Callable]) -> None:
         ROUTES[site] = fn
 
 
-def method_route(method, params, min_seq_len: int = 0, impl: str = "auto") -> Callable:
-    """A route that runs ``method`` with ``params`` as its rewritten op would (same dispatch)."""
+def method_route(method, params, min_seq_len: int = 0, impl: str = "auto", tensors: tuple = ()) -> Callable:
+    """A route that runs ``method`` with ``params`` (and the site's constant ``tensors``, see
+    ``Method.bind``) as its rewritten op would (same dispatch)."""
 
     def fn(q, k, v, attn_mask, scale, is_causal, mods=None):
-        return run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, params, mods=mods)
+        return run_method(method, q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, params, mods=mods,
+                          tensors=tensors)
     return fn

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import MASK_KINDS, Method, SiteShape, exact_flops
 from .exact import ExactMethod
+from .linear import LinearMethod
 from .monarch import MonarchMethod
 from .mra import MraMethod
 from .topk import TopkMethod
@@ -31,5 +32,6 @@ register(ExactMethod())
 register(MonarchMethod())
 register(MraMethod())
 register(TopkMethod())
+register(LinearMethod())
 
 __all__ = ["Method", "SiteShape", "MASK_KINDS", "REGISTRY", "register", "get_method", "exact_flops"]

@@ -25,6 +25,14 @@ argument ``mods``; the pass describes them to ``supports`` as ``SiteShape.terms`
 none (``takes_mods``).
 
 Its ``<name>/naive.py`` is the short float64 reference the tests check every path against.
+
+Methods whose op needs per-site constant tensors (fitted weights, e.g. ``linear``'s feature maps)
+set ``takes_tensors = True`` and implement ``bind`` (and ``example_binding``: unfitted constants for
+the registry-driven tests; their ``naive.forward`` takes the tensors too). Their op then takes one more argument after
+the parameters, ``Tensor[] tensors``; the rewrite pass stores the tensors ``bind`` returns for a
+site as constants of the rewritten GraphModule (``get_attr`` nodes), so the op stays an op and
+the compiled graph carries its weights. ``forward`` (and the kernel) receive them as trailing
+positional arguments: ``forward(q, k, v, attn_mask, scale, is_causal, params, *tensors)``.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, NamedTuple, Optional, Union
 
 import torch
 
@@ -154,6 +162,13 @@ def takes_mods(fn: Any) -> bool:
         return False
 
 
+class Binding(NamedTuple):
+    """What ``Method.bind`` gives one site: the op's params and its constant tensors."""
+
+    params: Any
+    tensors: tuple = ()
+
+
 class Method:
     """Base class of a registered attention method. Subclasses set ``name`` and ``Params``."""
 
@@ -163,6 +178,8 @@ class Method:
     #: what the method saves over exact attention: "flops" (the backend keeps a site exact where
     #: the FLOP model says it would not save any) or "memory" (no FLOP rule: top-k)
     saves: ClassVar[str] = "flops"
+    #: the op takes the constant tensors of ``bind`` as a trailing ``Tensor[] tensors`` argument
+    takes_tensors: ClassVar[bool] = False
     #: dotted name of the module holding this method's Triton kernels, which exposes
     #: ``supports(q, k, v, attn_mask, is_causal, params)`` and ``forward(q, k, v, attn_mask, scale,
     #: is_causal, params)``; imported lazily by the kernel dispatch. None: no kernel.
@@ -203,6 +220,18 @@ class Method:
                 raise ValueError(f"{where}.{key} must be an int >= {lowest}; got {value!r}")
 
     # -- behaviour ---------------------------------------------------------------------------
+    def bind(self, layer: str, site: SiteShape, params: Any, device: Any = None) -> Union[Binding, str]:
+        """Trace time: the params and constant tensors (on ``device``) of the op at ``layer``'s site,
+        or a one-line reason (a str) why the site stays exact. Raise ValueError for bad options.
+        Default: ``params`` as given, no tensors."""
+        return Binding(params)
+
+    def example_binding(self, site: SiteShape, params: Any, seed: int = 0) -> Binding:
+        """Unfitted constants for a site of this shape (the registry-driven tests, timing runs): the
+        params completed as ``bind`` would and freshly initialised tensors, deterministic in
+        ``seed``. Default: ``params`` as given, no tensors."""
+        return Binding(params)
+
     def supports(self, site: SiteShape, params: Any) -> Optional[str]:
         """Trace-time check: ``None`` if this method can serve ``site``, else a one-line reason."""
         return None
@@ -222,15 +251,16 @@ class Method:
         the score modifications ``mods`` (a method without the parameter takes none)."""
         raise NotImplementedError
 
-    def run(self, q, k, v, attn_mask, scale, is_causal, params, mods: Optional[ScoreMods] = None) -> torch.Tensor:
-        """``forward`` with ``mods`` passed when there are some; ValueError when this method's
-        ``forward`` takes none."""
+    def run(self, q, k, v, attn_mask, scale, is_causal, params, mods: Optional[ScoreMods] = None,
+            *tensors) -> torch.Tensor:
+        """``forward`` with ``mods`` passed when there are some (and a ``takes_tensors`` method's
+        constant ``tensors`` after ``params``); ValueError when this method's ``forward`` takes no mods."""
         if mods is None or mods.empty:
-            return self.forward(q, k, v, attn_mask, scale, is_causal, params)
+            return self.forward(q, k, v, attn_mask, scale, is_causal, params, *tensors)
         if not takes_mods(self.forward):
             raise ValueError(f"method {self.name!r} takes no score modifications ({mods.describe()}); "
                              f"its forward has no `mods` parameter")
-        return self.forward(q, k, v, attn_mask, scale, is_causal, params, mods=mods)
+        return self.forward(q, k, v, attn_mask, scale, is_causal, params, *tensors, mods=mods)
 
     def flops(self, site: SiteShape, params: Any) -> Dim:
         """Estimated FLOPs (2 x multiply-adds) of one call over all batches and heads."""

@@ -48,7 +48,11 @@ def rewrite_attention(gm: GraphModule, config: Config, graph_index: int = 0) -> 
         # inductor's own attention patterns must not fire on what structattn declined
         for anchor in declined:
             shield_softmax(gm.graph, anchor)
-    for _, sub in _subgraph_modules(gm):
+    for name, sub in _subgraph_modules(gm):
+        # constants a rewrite stores in a subgraph are buffers of the root module too: they are
+        # declared to AOT autograd under their qualified name (rewrite._register_constant)
+        sources, prefix = getattr(gm, "_structattn_scope", (getattr(gm, "_param_name_to_source", None), ""))
+        sub._structattn_scope = (sources, f"{prefix}{name}.")
         sites.extend(rewrite_attention(sub, config, graph_index))
     gm.graph.lint()
     gm.recompile()
@@ -98,7 +102,14 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     site.terms = labels(terms)
 
     method, params = get_method(resolved.method), resolved.params
-    reason = method.supports(shape, params)
+    tensors = ()
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():   # real constants, not fakes
+        bound = method.bind(m.layer, shape, params, example(m.q.node).device)
+    if isinstance(bound, str):
+        reason = bound
+    else:
+        params, tensors = bound
+        reason = method.supports(shape, params)
     if reason is None and (m.score_mod or m.window != (-1, -1)) and not takes_mods(method.forward):
         reason = f"takes no score modifications ({site.terms})"
     if reason is None and config.exact_when_cheaper and not config.route:
@@ -113,13 +124,13 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     if reason is not None:
         site.reason = f"{method.name}: {reason}"
         method = get_method("exact")
-        params = method.Params()
+        params, tensors = method.Params(), ()
     if min_seq_len == "auto" or method.name == "exact":
         min_seq_len = 0
     if config.route:
         site.route_key = f"{graph_index}:{m.layer}:{m.anchor.name}"
     rewrite_site(gm.graph, m, plan, method, params, min_seq_len, config.impl, resolved.causal,
-                 route_key=site.route_key)
+                 route_key=site.route_key, tensors=tensors, owner=gm)
     erase_dead([m.output])
     if m.form == "sdpa" and m.anchor is not m.output:
         # a fused SDPA kernel: its unused logsumexp items, then the kernel (dropout_p is 0, so

@@ -84,6 +84,10 @@ def auto_min_seq_len(method: Method, params: Any, shape: SiteShape, device: Any)
 
     if method.name == "exact" or method.saves != "flops":
         return 0
+    if method.takes_tensors:
+        # its op needs the site's constants (fitted weights), which a timing run on stand-in
+        # shapes does not have: the FLOP model's crossover alone
+        return flop_crossover(method, params, shape)
 
     def run(m, p, q, k, v, scale, causal):
         return run_method(m, q, k, v, None, scale, causal, 0, "auto", p)

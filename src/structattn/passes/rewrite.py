@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.fx import Graph, Node
@@ -17,10 +17,13 @@ from .table import example
 
 
 def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params: Any,
-                 min_seq_len: int, impl: str, declared_causal: bool, route_key: Optional[str] = None) -> Node:
+                 min_seq_len: int, impl: str, declared_causal: bool, route_key: Optional[str] = None,
+                 tensors: Sequence[torch.Tensor] = (), owner: Optional[torch.nn.Module] = None) -> Node:
     """Insert the op for site ``m`` and route the site's output users to it. Returns the op node.
 
     With ``route_key`` the op is ``structattn::routed_attention`` (calibration), not the method's.
+    ``tensors``: the site's constants (``Method.bind``), stored as buffers of ``owner`` (the
+    GraphModule that holds ``graph``) and passed to the op through ``get_attr`` nodes.
     """
     b = NodeBuilder(graph, m.output, m.anchor)
     rank = len(m.scores_shape)
@@ -38,8 +41,9 @@ def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params:
     if route_key is not None:
         out = b.call(ROUTED_OP, q, k, v, mask, float(m.scale), bool(is_causal), route_key, dead_rows, *mods)
     else:
+        consts = _constants(graph, owner, tensors, m) if method.takes_tensors else ()
         out = b.call(op_for(method), q, k, v, mask, float(m.scale), bool(is_causal), int(min_seq_len), impl,
-                     dead_rows, *mods, *op_args(method, params))
+                     dead_rows, *mods, *op_args(method, params, consts))
     out_val = example(m.output)
     if rank == 4 and out_val is not None and out_val.dim() == 3:
         out = b.call(torch.flatten, out, 0, 1)   # the P V product was taken in a [B*H, ..] view
@@ -48,6 +52,40 @@ def rewrite_site(graph: Graph, m: Match, plan: MaskPlan, method: Method, params:
             out = b.call(torch.squeeze, out, 0)
     m.output.replace_all_uses_with(out)
     return out
+
+
+def _constants(graph: Graph, owner: Optional[torch.nn.Module], tensors: Sequence[torch.Tensor], m: Match) -> list:
+    """``get_attr`` nodes for ``tensors``, each stored as a new buffer ``_structattn_const_<i>``
+    of ``owner`` (a constant of the graph, no gradient)."""
+    if tensors and owner is None:
+        raise ValueError("rewrite_site: constant tensors need the GraphModule that owns the graph")
+    q_val = example(m.q.node)
+    fake_mode = getattr(q_val, "fake_mode", None)
+    nodes = []
+    for t in tensors:
+        index = getattr(owner, "_structattn_constants", 0)
+        owner._structattn_constants = index + 1
+        name = f"_structattn_const_{index}"
+        _register_constant(owner, name, t.detach())
+        with graph.inserting_before(m.anchor):
+            node = graph.get_attr(name)
+        if fake_mode is not None:
+            node.meta["example_value"] = fake_mode.from_tensor(t)
+        nodes.append(node)
+    return nodes
+
+
+def _register_constant(owner: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """A buffer of ``owner``, declared the way dynamo declares its own graph constants: AOT
+    autograd lifts every buffer of a dynamo graph (subgraph modules' too, by qualified name) to an
+    input and looks up its source in the root's ``_param_name_to_source``; a ``ConstantSource``
+    gets no guard."""
+    owner.register_buffer(name, tensor)
+    sources, prefix = getattr(owner, "_structattn_scope", (getattr(owner, "_param_name_to_source", None), ""))
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[prefix + name] = ConstantSource(f"{prefix}{name}_{id(owner)}".replace(".", "_"))
 
 
 def _to_site(b: NodeBuilder, node: Node, rank: int, split: Optional[int]) -> Node:
