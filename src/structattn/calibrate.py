@@ -219,9 +219,13 @@ def default_candidates(method: str, shape: SiteShape) -> list[dict]:
       ``sink_blocks=1`` (the first key block always exact: on SmolLM2 at 1K tokens, b=32 r=4 on
       all layers went from perplexity 63.8 to 34.2 with it, exact 30.2);
     * topk: k in {N/32, N/16, N/8, N/4} (k >= 4, k < N);
+    * a method with its own ``candidates(shape)`` (routing): that grid;
     * any other registered method: its default parameters.
     Candidates whose estimated FLOPs are not below exact attention's are dropped later.
     """
+    own = getattr(REGISTRY.get(method), "candidates", None)
+    if own is not None:
+        return own(shape)
     n = int(shape.kv_len)
     if method == "monarch":
         blocks = sorted(set(_pow2_between(max(2, n / 32), n / 4)) | ({ceil_sqrt(n)} if n >= 4 else set()))

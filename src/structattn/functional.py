@@ -16,7 +16,8 @@ import torch
 from .lowering.ops import IMPLS, check_inputs, op_args, op_for
 from .methods import get_method
 
-__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention"]
+__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention",
+           "routing_attention"]
 
 
 def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
@@ -106,3 +107,19 @@ def topk_attention(q, k, v, /, attn_mask=None, scale=None, is_causal=False, *, c
     if unknown:
         raise TypeError(f"topk_attention() got unexpected keyword arguments {sorted(unknown)}")
     return attention("topk", q, k, v, attn_mask, scale, is_causal, impl=impl, k=kw.get("k", 64), chunk_size=chunk_size)
+
+
+def routing_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, clusters=None, window=None, routes=4,
+                      iterations=2, local_window=32, sink_tokens=1, pooled=True, impl="auto"):
+    """Routing attention (Roy et al. 2021), zero-shot: k-means clusters found at run time.
+
+    Keys (per batch and kv head) are clustered by ``iterations`` of spherical k-means into
+    ``clusters`` (None: about sqrt(N)), sorted by cluster and cut into blocks of ``window`` keys
+    (None: N / clusters); queries are sorted and cut the same way. Each query block attends its
+    ``routes`` best key blocks exactly and, with ``pooled``, every other block as one pooled key;
+    every query also attends its ``local_window`` neighbours and the first ``sink_tokens`` keys.
+    ``window >= N`` (or ``routes`` >= the number of blocks) is exact softmax attention.
+    """
+    return attention("routing", q, k, v, attn_mask, scale, is_causal, impl=impl, clusters=clusters, window=window,
+                     routes=routes, iterations=iterations, local_window=local_window, sink_tokens=sink_tokens,
+                     pooled=pooled)

@@ -26,12 +26,16 @@ def get_kernel(name: str, q, k, v, attn_mask, is_causal: bool, params: Any, *, s
             raise ValueError(f"impl='triton' for method {name!r}: {reason}")
         return None
 
-    if name not in KERNEL_MODULES:
+    from ..methods import get_method
+
+    own = getattr(get_method(name), "kernel_module", None)      # a method folder's own triton.py
+    if name not in KERNEL_MODULES and own is None:
         return fail("no Triton kernel exists for this method")
     if not q.is_cuda and not interpreting():
         return fail("tensors are on the CPU; set TRITON_INTERPRET=1 to run the kernels there, or use impl='torch'")
     try:
-        module = importlib.import_module(f".{KERNEL_MODULES[name]}", __name__)
+        module = importlib.import_module(own) if own is not None else importlib.import_module(
+            f".{KERNEL_MODULES[name]}", __name__)
     except ImportError as exc:  # triton missing or too old
         return fail(f"triton could not be imported ({exc})")
     reason = module.supports(q, k, v, attn_mask, is_causal, params)

@@ -6,6 +6,7 @@ from .exact import ExactMethod
 from .monarch import MonarchMethod
 from .mra import MraMethod
 from .topk import TopkMethod
+from .routing import RoutingMethod
 
 REGISTRY: dict[str, Method] = {}
 
@@ -30,5 +31,6 @@ register(ExactMethod())
 register(MonarchMethod())
 register(MraMethod())
 register(TopkMethod())
+register(RoutingMethod())
 
 __all__ = ["Method", "SiteShape", "MASK_KINDS", "REGISTRY", "register", "get_method", "exact_flops"]

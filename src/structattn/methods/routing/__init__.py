@@ -1,0 +1,135 @@
+"""Routing attention (Roy et al. 2021, "Routing Transformer"), zero-shot: content clusters found at
+run time by spherical k-means on each call's own queries and keys.
+
+Per (batch, kv head) the queries and keys are centred and scaled to unit length, clustered
+together (``clusters``, default about sqrt(Nk); ``iterations`` of spherical k-means from a
+deterministic start), and every cluster takes the ``window`` keys (default about Nk / clusters)
+and, per query head, the ``window`` queries nearest its centroid (``plan.py``). In cross
+attention (Nq != Nk) only keys are clustered and each query joins its nearest centroid.
+
+Query i then attends, with exact softmax weights, to the union of
+
+* the keys of every cluster it belongs to (a batch of dense [window, window] blocks),
+* its local window of ``local_window`` keys (ending at i when causal, around i otherwise;
+  positions aligned top-left like SDPA's ``is_causal``): queries that no cluster takes still see
+  these, and under ``is_causal`` it keeps every row non-empty,
+* the first ``sink_tokens`` keys (causal LMs park attention on them),
+
+each key counted once, under ``is_causal`` only keys j <= i, with the mask's biases added as they
+are (-inf keys never join a cluster). ``naive.pattern`` is the definition; the parts are computed
+separately and merged by log-sum-exp (``torch.py``). Exact limits: one cluster holding every token,
+or ``window >= N``, is softmax attention.
+
+Decisions (the Triton kernel implements the same):
+
+1. Normalisation: centring over the sequence, then unit length (measured against the paper's
+   layer norm and plain unit norm on MiniLM and SmolLM2: docs/methods/routing.md).
+2. Self attention is Nq == Nk; then query i is token i, and a query whose key is padded takes a
+   cluster slot only after every live query (it still attends to its window and the sinks).
+3. Causal: the clustering sees the whole sequence, so which earlier keys query i attends to may
+   depend on later tokens (as in the original's top-w routing); the values never do.
+4. Masks: key padding (bool or additive, -inf the only hard mask) and ``is_causal``; a general
+   [Q, K] mask is refused. fp16 / bf16 are computed in fp32, float64 stays float64.
+5. The routing is piecewise constant: gradients flow through the attention weights only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from ..base import Dim, Method, SiteShape
+from ..monarch import ceil_div, ceil_sqrt, sym_min
+from .plan import RoutingPlan, make_plan, plan_sizes
+from .torch import routing_forward
+
+__all__ = ["RoutingParams", "RoutingMethod", "routing_forward", "routing_flops", "make_plan", "plan_sizes",
+           "RoutingPlan"]
+
+
+@dataclass(frozen=True)
+class RoutingParams:
+    """``clusters``: k-means centroids (None: ceil(sqrt(Nk))); ``window``: tokens per block (None:
+    ceil(Nk / clusters)); ``routes``: key blocks each query block attends; ``iterations`` of
+    k-means; ``local_window``: keys around each query always attended; ``sink_tokens``: first
+    keys always attended; ``pooled``: every other key block adds one pooled key (as MRA-2)."""
+
+    clusters: Optional[int] = None
+    window: Optional[int] = None
+    routes: int = 4
+    iterations: int = 2
+    local_window: int = 32
+    sink_tokens: int = 1
+    pooled: bool = True
+
+
+def _same(a: Dim, b: Dim) -> bool:
+    try:
+        return bool(a == b)
+    except TypeError:
+        return False
+
+
+def routing_flops(site: SiteShape, params: RoutingParams) -> Dim:
+    """FLOPs (2 x multiply-adds) of one call: k-means on the keys (``iterations`` + 1 assignment
+    passes, Nk x C x d each, per kv head) and the queries' assignment (Nq x C x d per query head),
+    the block scores (Mq x Mk x d), the routed blocks (Nq x r x wk x (d + dv)), the pooled blocks
+    (Nq x Mk x (d + dv)) and every query's band of 2*local_window - 1 keys plus the sink keys."""
+    nq, nk, d, dv = site.q_len, site.kv_len, site.head_dim, site.v_head_dim
+    b, h, hk = site.batch, site.num_heads, site.num_kv_heads
+    c = sym_min(params.clusters if params.clusters is not None else ceil_sqrt(nk), nk)
+    wk = sym_min(params.window if params.window is not None else ceil_div(nk, c), nk)
+    wq = sym_min(wk, nq)
+    mq, mk = ceil_div(nq, wq), ceil_div(nk, wk)
+    r = sym_min(params.routes, mk)
+    cluster = hk * (params.iterations + 1) * nk * c * d + h * nq * c * d
+    attention = h * (mq * mk * d + nq * r * wk * (d + dv))
+    if params.pooled:
+        attention = attention + h * nq * mk * (d + dv)
+    band = sym_min(2 * params.local_window - 1, nk) if params.local_window > 0 else 0
+    static = h * nq * (band + sym_min(params.sink_tokens, nk)) * (d + dv)
+    return 2 * b * (cluster + attention + static)
+
+
+class RoutingMethod(Method):
+    """Routing attention: k-means clusters of queries and keys, exact softmax within them."""
+
+    name = "routing"
+    Params = RoutingParams
+    description = "routing attention (Roy et al. 2021): run-time k-means clusters, local window, sinks"
+    saves = "flops"
+    kernel_module: ClassVar[Optional[str]] = "structattn.methods.routing.triton"
+
+    def validate(self, params: RoutingParams, *, where: str) -> None:
+        self.require_at_least(params, where=where, routes=1, iterations=0, local_window=0, sink_tokens=0)
+        for key in ("clusters", "window"):
+            value = getattr(params, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{where}.{key} must be None or an int >= 1; got {value!r}")
+
+    def supports(self, site: SiteShape, params: RoutingParams) -> Optional[str]:
+        if site.general_mask:
+            return ("routing supports key-padding and causal masks only, not a general [Q, K] mask; "
+                    "use 'topk' for general masks")
+        if site.causal and params.local_window == 0 and params.sink_tokens == 0:
+            return ("routing on a causal site needs local_window >= 1 or sink_tokens >= 1 (a query whose "
+                    "routed keys all lie after it would attend to nothing)")
+        return None
+
+    def forward(self, q, k, v, attn_mask, scale, is_causal, params):
+        return routing_forward(q, k, v, attn_mask, scale, is_causal, params)
+
+    def flops(self, site: SiteShape, params: RoutingParams) -> Dim:
+        return routing_flops(site, params)
+
+    def candidates(self, shape: SiteShape) -> list[dict]:
+        """The calibration grid (see docs/methods/routing.md for how it was chosen)."""
+        n = int(shape.kv_len)
+        if n < 64:
+            return []
+        c0 = ceil_sqrt(n)
+        out = []
+        for clusters in (c0, 2 * c0):
+            for mult in (1, 2):
+                out.append({"clusters": clusters, "window": mult * ceil_div(n, clusters),
+                            "local_window": 32, "sink_tokens": 1})
+        return out
