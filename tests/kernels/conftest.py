@@ -14,6 +14,7 @@ import pytest
 
 _KERNEL_MODULES = (
     "structattn.kernels.monarch", "structattn.kernels.mra", "structattn.kernels.mra_select", "structattn.kernels.topk",
+    "structattn.methods.routing.triton",
 )
 
 _prev = os.environ.get("TRITON_INTERPRET")
