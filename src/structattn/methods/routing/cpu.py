@@ -4,9 +4,10 @@ one call of PyTorch's fused CPU flash-attention kernel
 score matrices never reach memory:
 
 * routed: every (query head, query block) is one batch entry: its wq queries against its r
-  routed key blocks gathered into one contiguous [r*wk, E] slice, with the pooled block means
-  appended as Mk extra keys (their ``beta`` rides in the additive mask). The mask is
-  [.., 1, keys] (broadcast over the block's queries) unless ``is_causal`` needs it per pair;
+  routed key blocks, gathered as whole blocks from the keys put in block order once, one
+  contiguous [r*wk, E] slice. The mask is [.., 1, keys] (broadcast over the block's queries)
+  unless ``is_causal`` needs it per pair; the pooled blocks ([wq, Mk] per query block) are small
+  explicit matmuls merged by log-sum-exp;
 * static: the band of every block of ``local_window`` queries (2*local_window - 1 keys) plus the
   sink keys, with a per-pair mask (window, causality, keys already routed);
 * the two parts merged by log-sum-exp as in ``torch.merge_two``.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from ..monarch import ceil_div, compute_dtype
 from .plan import RoutingPlan, _rows, block_stats, flat_key_bias
+from ..softmax import softmax_and_lse
 from .torch import in_window, merge_two, routed_lookup
 
 __all__ = ["usable", "attend"]
@@ -106,36 +108,44 @@ def _routed(qc, kc, vc, bias, q_order, k_order, routes, route_ok, wq, wk, scale,
     dev = qc.device
     cdt = qc.dtype
     head_base = (torch.arange(G, device=dev) * Nq).view(1, G, 1)
-    qg = _rows(qc.reshape(n, G * Nq, E), q_order.clamp(max=Nq - 1) + head_base).view(n * G * mq, 1, wq, E)
-    kblocks = k_order.view(n, mk, wk)
+    qg = _rows(qc.reshape(n, G * Nq, E), q_order.clamp(max=Nq - 1) + head_base).view(n, G, mq, wq, E)
+    # keys and values in block order once per slice, then whole blocks gathered per route
+    k_rows = k_order.clamp(max=Nk - 1)
+    kb = _rows(kc, k_rows).view(n * mk, wk * E)
+    vb = _rows(vc, k_rows).view(n * mk, wk * E)
     block_rows = (routes + (torch.arange(n, device=dev) * mk).view(n, 1, 1, 1)).reshape(-1)
-    kpos = kblocks.reshape(n * mk, wk).index_select(0, block_rows).view(n, G, mq, 1, r * wk)
-    krows = kpos.clamp(max=Nk - 1)
-    ksel = _rows(kc, krows.view(n, G * mq, r * wk)).view(n, G, mq, r * wk, E)
-    vsel = _rows(vc, krows.view(n, G * mq, r * wk)).view(n, G, mq, r * wk, E)
-    mask = torch.zeros(n, G, mq, 1, r * wk, dtype=cdt, device=dev)
-    if bias is not None:
-        mask = mask + bias.expand(n, G, Nk).gather(-1, krows.view(n, G, -1)).view(n, G, mq, 1, r * wk)
+    ksel = kb.index_select(0, block_rows).view(n * G * mq, 1, r * wk, E)
+    vsel = vb.index_select(0, block_rows).view(n * G * mq, 1, r * wk, E)
+    kpos = k_order.view(n * mk, wk).index_select(0, block_rows).view(n, G, mq, 1, r * wk)
     dead = (kpos == Nk) | ~route_ok.repeat_interleave(wk, dim=-1).view(n, G, mq, 1, r * wk)
-    mask = mask.masked_fill(dead, _NEG_INF)
     qpos = q_order.view(n, G, mq, wq, 1)
+    mask = None
+    if bias is not None:
+        mask = bias.expand(n, G, Nk).gather(-1, k_rows.unsqueeze(1).expand(n, G, -1)).view(n, G, mk, wk)
+        mask = mask.gather(2, routes.reshape(n, G, mq * r, 1).expand(n, G, mq * r, wk)).view(n, G, mq, 1, r * wk)
+    if bias is not None or bool(dead.any()):
+        mask = (torch.zeros((), dtype=cdt, device=dev) if mask is None else mask).masked_fill(dead, _NEG_INF)
+        mask = mask.expand(n, G, mq, 1, r * wk)
+    if is_causal:
+        late = kpos > qpos
+        mask = torch.zeros(n, G, mq, wq, r * wk, dtype=cdt, device=dev) if mask is None else mask
+        mask = mask.masked_fill(late, _NEG_INF)
+    o, lse = _flash(qg.reshape(n * G * mq, 1, wq, E), ksel, vsel,
+                    None if mask is None else mask.reshape(n * G * mq, 1, mask.shape[-2], r * wk), scale)
+    o, lse = o.view(n, G, mq, wq, E), lse.view(n, G, mq, wq)
     if pooled:
-        kbar, beta, _, vbar = block_stats(kc, bias, k_order, wk, extra=vc)          # [n, G|1, Mk, E]
-        ksel = torch.cat([ksel, kbar.unsqueeze(2).expand(n, G, mq, mk, E)], -2)
-        vsel = torch.cat([vsel, vbar.unsqueeze(2).expand(n, G, mq, mk, E)], -2)
+        # one pooled key per block not routed to the query block: explicit, [wq, Mk] per block
+        kbar, beta, _, vbar = block_stats(kc, bias, k_order, wk, extra=vc)           # [n, G|1, Mk, E]
+        ps = (qg * scale) @ kbar.unsqueeze(2).transpose(-1, -2) + beta.view(n, -1, 1, 1, mk)
         chosen = torch.zeros(n, G, mq, mk + 1, dtype=torch.bool, device=dev)
         chosen.scatter_(-1, torch.where(route_ok, routes, mk), True)
-        pmask = beta.view(n, -1, 1, 1, mk).expand(n, G, mq, 1, mk).masked_fill(chosen[..., :mk].unsqueeze(-2), _NEG_INF)
-        mask = torch.cat([mask, pmask], -1)
-    if is_causal:
-        late = kpos > qpos                                                            # [n, G, mq, wq, r*wk]
-        if pooled:
-            klast = torch.where(kblocks < Nk, kblocks, -1).amax(-1)                 # [n, Mk]
-            late = torch.cat([late, klast.view(n, 1, 1, 1, mk) > qpos], -1)
-        mask = mask.masked_fill(late, _NEG_INF)
-    keys = mask.shape[-1]
-    o, lse = _flash(qg, ksel.reshape(n * G * mq, 1, keys, E), vsel.reshape(n * G * mq, 1, keys, E),
-                    mask.reshape(n * G * mq, 1, mask.shape[-2], keys), scale)
+        drop = chosen[..., :mk].unsqueeze(-2)
+        if is_causal:
+            klast = torch.where(k_order.view(n, mk, wk) < Nk, k_order.view(n, mk, wk), -1).amax(-1)
+            drop = drop | (klast.view(n, 1, 1, 1, mk) > qpos)
+        p_lo, lse_lo = softmax_and_lse(ps.masked_fill(drop, _NEG_INF))
+        o = merge_two(o, lse, p_lo @ vbar.unsqueeze(2), lse_lo)
+        lse = torch.logaddexp(lse, lse_lo)
     slot = torch.argsort(q_order, dim=-1)[..., :Nq]                                   # block-order slot of each query
     o = _rows(o.reshape(n, G * mq * wq, E), slot + (torch.arange(G, device=dev) * mq * wq).view(1, G, 1))
     lse = lse.reshape(n, G, mq * wq).gather(-1, slot)
@@ -143,7 +153,9 @@ def _routed(qc, kc, vc, bias, q_order, k_order, routes, route_ok, wq, wk, scale,
 
 
 def _static(qc, kc, vc, bias, scale, is_causal, local_window, sink_tokens, routed):
-    """Sink keys and the local window (minus routed keys) -> (o [n, G, Nq, E], lse [n, G, Nq])."""
+    """Sink keys and the local window (minus routed keys) -> (o [n, G, Nq, E], lse [n, G, Nq]).
+    The G query heads of a kv head share the keys of a band block: their rows go in one batch
+    entry, so the keys are gathered once."""
     n, G, Nq, E = qc.shape
     Nk = kc.shape[1]
     S = min(sink_tokens, Nk)
@@ -153,7 +165,7 @@ def _static(qc, kc, vc, bias, scale, is_causal, local_window, sink_tokens, route
     tq = ceil_div(Nq, T)
     nqp = tq * T
     qpos = torch.arange(nqp, device=dev).view(tq, T, 1)
-    qp = F.pad(qc, (0, 0, 0, nqp - Nq)).view(n * G * tq, 1, T, E)
+    qp = F.pad(qc, (0, 0, 0, nqp - Nq)).view(n, G, tq, T, E).transpose(1, 2).reshape(n * tq, 1, G * T, E)
     pos = torch.arange(S, device=dev).expand(tq, S)
     keep = (pos.unsqueeze(-2) <= qpos) if is_causal else torch.ones(tq, 1, S, dtype=torch.bool, device=dev)
     keep = keep.expand(tq, T, S)
@@ -169,15 +181,16 @@ def _static(qc, kc, vc, bias, scale, is_causal, local_window, sink_tokens, route
         if routed is not None:
             drop_routed = F.pad(routed(qpos.clamp(max=Nq - 1), band.clamp(0, Nk - 1).unsqueeze(-2)), (S, 0))
     keys = pos.shape[-1]
-    ks = _rows(kc, pos.expand(n, tq, keys)).unsqueeze(1).expand(n, G, tq, keys, E)
-    vs = _rows(vc, pos.expand(n, tq, keys)).unsqueeze(1).expand(n, G, tq, keys, E)
-    mask = torch.zeros(n, G, tq, T, keys, dtype=qc.dtype, device=dev)
-    if bias is not None:
-        mask = mask + bias[:, :, pos].unsqueeze(-2)
-    drop = ~keep
+    ks = _rows(kc, pos.expand(n, tq, keys)).view(n * tq, 1, keys, E)
+    vs = _rows(vc, pos.expand(n, tq, keys)).view(n * tq, 1, keys, E)
+    drop = ~keep                                                                       # [tq, T, keys]
     if drop_routed is not None:
-        drop = drop | drop_routed
-    mask = mask.masked_fill(drop, _NEG_INF)
-    o, lse = _flash(qp, ks.reshape(n * G * tq, 1, keys, E), vs.reshape(n * G * tq, 1, keys, E),
-                    mask.reshape(n * G * tq, 1, T, keys), scale)
-    return o.view(n, G, nqp, E)[:, :, :Nq], lse.view(n, G, nqp)[:, :, :Nq]
+        drop = drop | drop_routed                                                      # [n, G, tq, T, keys]
+    mask = torch.zeros((), dtype=qc.dtype, device=dev)
+    if bias is not None:
+        mask = bias[:, :, pos].unsqueeze(-2)                                           # [n, G|1, tq, 1, keys]
+    mask = mask.masked_fill(drop, _NEG_INF).expand(n, G, tq, T, keys).transpose(1, 2)
+    o, lse = _flash(qp, ks, vs, mask.reshape(n * tq, 1, G * T, keys), scale)
+    o = o.view(n, tq, G, T, E).transpose(1, 2).reshape(n, G, nqp, E)
+    lse = lse.view(n, tq, G, T).transpose(1, 2).reshape(n, G, nqp)
+    return o[:, :, :Nq], lse[:, :, :Nq]
