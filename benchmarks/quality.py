@@ -242,16 +242,13 @@ def routing_settings(n: int, causal: bool, quick: bool) -> list[tuple[str, dict]
     w = -(-n // c)
     rows = [(f"w={w} r=4 L=32", {})]
     if quick:
-        return rows
-    if causal:
-        rows += [(f"w=16 r=8 L=32", {"window": 16, "routes": 8}),
-                 (f"w=32 r=8 L=32", {"window": 32, "routes": 8})]
-        if n > 2048:
-            rows += [(f"w=32 r=16 L=32", {"window": 32, "routes": 16})]
+        pass
+    elif causal:
+        rows += [("w=16 r=8 L=32", {"window": 16, "routes": 8})] if n <= 2048 else \
+            [("w=32 r=8 L=32", {"window": 32, "routes": 8})]
     else:
         rows += [("w=16 r=8 L=16", {"window": 16, "routes": 8, "local_window": 16}),
-                 ("w=8 r=16 L=0", {"window": 8, "routes": 16, "local_window": 0}),
-                 ("w=8 r=8 L=16", {"window": 8, "routes": 8, "local_window": 16})]
+                 ("w=8 r=16 L=0", {"window": 8, "routes": 16, "local_window": 0})]
     return [(shown, {"window": w, "routes": 4, "local_window": 32, "sink_tokens": 1, **p}) for shown, p in rows]
 
 

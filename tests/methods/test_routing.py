@@ -354,3 +354,16 @@ def test_backend_rewrites_a_site_to_routing(seed):
     assert [s.method for s in report.sites] == ["routing"]
     direct = SF.routing_attention(q, k, v, is_causal=True, window=16, routes=2, local_window=8)
     assert torch.equal(out, direct)
+
+
+def test_kmeans_fit_on_a_strided_subset_equals_loop_reference(seed):
+    """With more than 32 keys per centroid the fit uses every s-th position (here s = 2)."""
+    from structattn.methods.routing.plan import fit_stride
+
+    q, k, _ = make_qkv(1, 2, 1, 150, 150, 6, seed=seed)
+    assert fit_stride(150, 2) == 2
+    am = key_padding(1, 150, seed)
+    fast = make_plan(q, k, am, 0.4, True, 2, 20, 2, 3, 1)
+    slow = naive_plan(q, k, am, 0.4, True, 2, 20, 2, 3, 1, "center")
+    assert torch.equal(fast.k_order, slow.k_order) and torch.equal(fast.q_order, slow.q_order)
+    assert torch.equal(torch.where(fast.route_valid, fast.routes, -1), torch.where(slow.route_valid, slow.routes, -1))

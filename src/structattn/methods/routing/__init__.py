@@ -39,7 +39,9 @@ from typing import ClassVar, Optional
 
 from ..base import Dim, Method, SiteShape
 from ..monarch import ceil_div, ceil_sqrt, sym_min
-from .plan import RoutingPlan, make_plan, plan_sizes
+import sympy
+
+from .plan import FIT_PER_CLUSTER, RoutingPlan, fit_stride, make_plan, plan_sizes
 from .torch import routing_forward
 
 __all__ = ["RoutingParams", "RoutingMethod", "routing_forward", "routing_flops", "make_plan", "plan_sizes",
@@ -62,16 +64,17 @@ class RoutingParams:
     pooled: bool = True
 
 
-def _same(a: Dim, b: Dim) -> bool:
-    try:
-        return bool(a == b)
-    except TypeError:
-        return False
+def _fit_stride(nk: Dim, c: Dim) -> Dim:
+    """``plan.fit_stride`` for ints or sympy expressions."""
+    if isinstance(nk, int) and isinstance(c, int):
+        return fit_stride(nk, c)
+    return sympy.Max(1, sympy.floor(nk / (FIT_PER_CLUSTER * c)))
 
 
 def routing_flops(site: SiteShape, params: RoutingParams) -> Dim:
-    """FLOPs (2 x multiply-adds) of one call: k-means on the keys (``iterations`` + 1 assignment
-    passes, Nk x C x d each, per kv head) and the queries' assignment (Nq x C x d per query head),
+    """FLOPs (2 x multiply-adds) of one call: k-means on the keys (``iterations`` passes over the
+    fit subset of about min(Nk, 32 C) keys, one assignment pass over all Nk, C x d each, per kv
+    head) and the queries' assignment (Nq x C x d per query head),
     the block scores (Mq x Mk x d), the routed blocks (Nq x r x wk x (d + dv)), the pooled blocks
     (Nq x Mk x (d + dv)) and every query's band of 2*local_window - 1 keys plus the sink keys."""
     nq, nk, d, dv = site.q_len, site.kv_len, site.head_dim, site.v_head_dim
@@ -81,7 +84,8 @@ def routing_flops(site: SiteShape, params: RoutingParams) -> Dim:
     wq = sym_min(wk, nq)
     mq, mk = ceil_div(nq, wq), ceil_div(nk, wk)
     r = sym_min(params.routes, mk)
-    cluster = hk * (params.iterations + 1) * nk * c * d + h * nq * c * d
+    fit = ceil_div(nk, _fit_stride(nk, c))
+    cluster = hk * (params.iterations * fit + nk) * c * d + h * nq * c * d
     attention = h * (mq * mk * d + nq * r * wk * (d + dv))
     if params.pooled:
         attention = attention + h * nq * mk * (d + dv)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .plan import RoutingPlan, normalise, plan_sizes
+from .plan import RoutingPlan, fit_stride, normalise, plan_sizes
 
 __all__ = ["local_keep", "naive_attention", "naive_plan"]
 
@@ -125,9 +125,10 @@ def naive_plan(q, k, attn_mask: Optional[torch.Tensor], scale: float, is_causal:
             members = [j for j in range(Nk) if joins[j]]
             mu = [xk[members[((2 * t + 1) * len(members)) // (2 * c)]] if members else torch.zeros(D, dtype=torch.float64)
                   for t in range(c)]
+            fit = [j for j in members if j % fit_stride(Nk, c) == 0]
             for _ in range(iterations):
                 sums = [torch.zeros(D, dtype=torch.float64) for _ in range(c)]
-                for j in members:
+                for j in fit:
                     sums[nearest(xk[j], mu)[0]] += xk[j]
                 mu = [s / s.norm() if s.norm() > 0 else m for s, m in zip(sums, mu)]
             ranked = sorted(members, key=lambda j: (nearest(xk[j], mu)[0], -nearest(xk[j], mu)[1], j))

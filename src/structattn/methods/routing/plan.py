@@ -6,7 +6,9 @@ Per (batch, kv head):
    ``iterations`` of spherical k-means with ``clusters`` centroids run on the keys that may join
    (live and not sinks). The start is deterministic: those keys at evenly spaced ranks. An
    iteration assigns every key to the centroid of largest cosine and replaces each centroid by
-   the normalised sum of its keys; a centroid that gets no key keeps its position.
+   the normalised sum of its keys; a centroid that gets no key keeps its position. The fit uses
+   every s-th position, s = max(1, Nk // (FIT_PER_CLUSTER * clusters)) (at most about 32 keys per
+   centroid: k-means needs no more, and it keeps the fit linear in N); the sort below uses all keys.
 2. **Balanced blocks.** Keys are sorted by (cluster, decreasing cosine to its centroid) and cut
    into blocks of ``window`` keys: every joining key is in exactly one block and every block but
    the last is full, so attention is a batch of fixed-size blocks. Keys that do not join (masked
@@ -48,6 +50,8 @@ __all__ = ["RoutingPlan", "make_plan", "plan_sizes", "normalise", "NORMALISATION
 NORMALISATIONS = ("unit", "layer", "center")
 DEFAULT_NORMALISATION = "center"
 
+#: the k-means fit uses about this many keys per centroid (a strided subset; see step 1)
+FIT_PER_CLUSTER = 32
 #: ranks of real values are clamped to +-RANK_LIMIT (NaN -> -RANK_LIMIT)
 RANK_LIMIT = 1e38
 #: target size (elements) of the largest temporary (a similarity matrix) of one chunk of slices
@@ -133,13 +137,20 @@ def _init_centroids(x: torch.Tensor, joins: torch.Tensor, c: int) -> torch.Tenso
 
 def kmeans(points: torch.Tensor, mu: torch.Tensor, iterations: int) -> torch.Tensor:
     """Spherical k-means from ``mu`` [n, C, D] on unit (or zero: left out) points [n, P, D]."""
-    d = mu.shape[-1]
+    n, c, d = mu.shape
+    base = (torch.arange(n, device=mu.device) * c).unsqueeze(-1)
     for _ in range(iterations):
         assign = (points @ mu.transpose(-1, -2)).argmax(-1)                        # [n, P] (cosines: finite)
-        sums = torch.zeros_like(mu).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), points)
+        sums = mu.new_zeros(n * c, d).index_add_(0, (assign + base).reshape(-1), points.reshape(-1, d))
+        sums = sums.view(n, c, d)
         norm = sums.norm(dim=-1, keepdim=True)
         mu = torch.where(norm > 0, sums / norm.clamp_min(1e-30), mu)
     return mu
+
+
+def fit_stride(nk: int, clusters: int) -> int:
+    """The stride s of the k-means fit positions (0, s, 2s, ...)."""
+    return max(1, nk // (FIT_PER_CLUSTER * clusters))
 
 
 def _cluster_order(x: torch.Tensor, mu: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
@@ -253,7 +264,9 @@ def make_plan(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor
         jn = joins[a0:a1]
         kc = k3[a0:a1].to(cdt)
         xk = normalise(kc, normalisation, jn)
-        mu = kmeans(xk * jn.unsqueeze(-1).to(cdt), _init_centroids(xk, jn, c), iterations)
+        stride = fit_stride(Nk, c)
+        fit = (xk * jn.unsqueeze(-1).to(cdt))[:, ::stride]
+        mu = kmeans(fit, _init_centroids(xk, jn, c), iterations)
         ko = _cut(_cluster_order(xk, mu, jn), jn.sum(-1, keepdim=True), Nk, mk, wk)
         k_order[a0:a1] = ko
 
