@@ -55,6 +55,7 @@ METHODS = [
     ("mra2 r=4", "mra", {"blocks_per_row": 4}),
     ("mra2s r=4", "mra", {"blocks_per_row": 4, "variant": "mra2s"}),
     ("topk k=64", "topk", {"k": 64}),
+    ("routing r=4", "routing", {}),
 ]
 
 

@@ -31,8 +31,10 @@ __all__ = ["usable", "attend"]
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _NEG_INF = float("-inf")
-#: target size (elements) of the gathered keys of one chunk of (batch, kv head) slices
-CHUNK_ELEMS = 1 << 21
+#: target size (elements) of the gathered keys of one chunk of (batch, kv head) slices: chunks
+#: of one slice made a 4K call three times slower than chunks of several (per-op costs, less
+#: parallel work per op), so chunks are large (about 32 MB of fp32 per temporary)
+CHUNK_ELEMS = 1 << 23
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
