@@ -1,46 +1,51 @@
 """Routing attention (Roy et al. 2021, "Routing Transformer"), zero-shot: content clusters found at
-run time by spherical k-means on each call's own queries and keys.
+run time by spherical k-means on each call's own keys.
 
-Per (batch, kv head) the queries and keys are centred and scaled to unit length, clustered
-together (``clusters``, default about sqrt(Nk); ``iterations`` of spherical k-means from a
-deterministic start), and every cluster takes the ``window`` keys (default about Nk / clusters)
-and, per query head, the ``window`` queries nearest its centroid (``plan.py``). In cross
-attention (Nq != Nk) only keys are clustered and each query joins its nearest centroid.
+Per (batch, kv head) (``plan.py``): keys are centred and scaled to unit length and clustered by
+``iterations`` of spherical k-means (``clusters`` centroids, default about sqrt(Nk); a
+deterministic start); keys, and the queries of each query head, are sorted by nearest centroid
+and cut into blocks of ``window`` tokens (default about Nk / clusters), so every token is in
+exactly one block and attention is a batch of fixed-size blocks; each query block attends its
+``routes`` best key blocks, ranked by the average logit of its mean query with their mean key.
 
 Query i then attends, with exact softmax weights, to the union of
 
-* the keys of every cluster it belongs to (a batch of dense [window, window] blocks),
+* the keys of its query block's routed key blocks,
 * its local window of ``local_window`` keys (ending at i when causal, around i otherwise;
-  positions aligned top-left like SDPA's ``is_causal``): queries that no cluster takes still see
-  these, and under ``is_causal`` it keeps every row non-empty,
+  positions aligned top-left like SDPA's ``is_causal``; under ``is_causal`` it keeps every row
+  non-empty),
 * the first ``sink_tokens`` keys (causal LMs park attention on them),
 
 each key counted once, under ``is_causal`` only keys j <= i, with the mask's biases added as they
-are (-inf keys never join a cluster). ``naive.pattern`` is the definition; the parts are computed
-separately and merged by log-sum-exp (``torch.py``). Exact limits: one cluster holding every token,
-or ``window >= N``, is softmax attention.
+are; with ``pooled`` every other key block adds one pooled key (MRA-2's low-resolution branch
+over content blocks). ``naive.naive_attention`` is the definition; the parts are computed
+separately and merged by log-sum-exp (``torch.py``, ``cpu.py``, ``triton.py``). Exact limits:
+``window >= Nk`` (one block) or ``routes`` >= the number of key blocks is softmax attention.
 
-Decisions (the Triton kernel implements the same):
+Decisions (the Triton kernel implements the same; measurements in docs/methods/routing.md):
 
-1. Normalisation: centring over the sequence, then unit length (measured against the paper's
-   layer norm and plain unit norm on MiniLM and SmolLM2: docs/methods/routing.md).
-2. Self attention is Nq == Nk; then query i is token i, and a query whose key is padded takes a
-   cluster slot only after every live query (it still attends to its window and the sinks).
-3. Causal: the clustering sees the whole sequence, so which earlier keys query i attends to may
-   depend on later tokens (as in the original's top-w routing); the values never do.
-4. Masks: key padding (bool or additive, -inf the only hard mask) and ``is_causal``; a general
+1. Balance by sorting and route query blocks to key blocks, instead of the original's top-w
+   members per cluster with Q and K clustered together: that scheme, implemented first, covered
+   17% of the attention mass of SmolLM2 and had about twice the error at the same cost.
+2. Normalisation: centring over the sequence, then unit length (better than the paper's layer
+   norm and plain unit norm on MiniLM and SmolLM2).
+3. Self attention is Nq == Nk; then query i is token i, and a query whose key is masked for its
+   head sorts after every live query of that head.
+4. Causal: the clustering sees the whole sequence, so which earlier keys query i attends to may
+   depend on later tokens (as in the original's routing); values of later tokens never reach it.
+5. Masks: key padding (bool or additive, -inf the only hard mask) and ``is_causal``; a general
    [Q, K] mask is refused. fp16 / bf16 are computed in fp32, float64 stays float64.
-5. The routing is piecewise constant: gradients flow through the attention weights only.
+6. The routing is piecewise constant: gradients flow through the attention weights only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from ..base import Dim, Method, SiteShape
-from ..monarch import ceil_div, ceil_sqrt, sym_min
 import sympy
 
+from ..base import Dim, Method, SiteShape
+from ..monarch import ceil_div, ceil_sqrt, sym_min
 from .plan import FIT_PER_CLUSTER, RoutingPlan, fit_stride, make_plan, plan_sizes
 from .torch import routing_forward
 
