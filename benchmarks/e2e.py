@@ -64,15 +64,39 @@ def smollm2_options(window: int) -> dict:
     return {"method": "mra", "mra": {"block_size": 32, "blocks_per_row": r, "sink_blocks": 1}}
 
 
-def run_smollm2(windows: list[int], rounds: int, calibrated: dict) -> list[dict]:
+def calibrated_options(model, stream, window: int, budget: float = 0.04) -> dict:
+    """``structattn.calibrate`` on two windows taken from the END of the stream (never timed or
+    evaluated): the cheapest per-layer configuration whose perplexity increase on them is <= budget."""
+    calib = stream[-2 * window:].view(2, window)
+    samples = [{"input_ids": w[None]} for w in calib]
+
+    def nll(out, sample):
+        return F.cross_entropy(out.logits[0, :-1].float(), sample["input_ids"][0, 1:], reduction="none")
+
+    def ppl_increase(approx, exact, samples):
+        return float(torch.exp(torch.cat(approx).double().mean() - torch.cat(exact).double().mean()) - 1)
+
+    t0 = time.perf_counter()
+    options = structattn.calibrate(model, samples, budget={"metric": budget}, methods=["mra"], output_fn=nll,
+                                   metric_fn=ppl_increase, max_kv_heads=1 if window > 2048 else None,
+                                   progress=False)
+    print(f"  calibrate at {window}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return dict(options)
+
+
+def run_smollm2(windows: list[int], rounds: int, calibrated: dict, calibrate_up_to: int = 0) -> list[dict]:
     model, tok = data.load_smollm2()
     stream = data.lee_token_stream(tok)
     rows = []
     for window in windows:
-        count = max(1, min(4, stream.numel() // window - 1))
+        count = max(1, min(4, stream.numel() // window - 3))
         wins = data.lm_windows(stream, window, count + 1)
         timed_w, held = wins[:1], wins[1:]
-        approx = calibrated.get(str(window)) or smollm2_options(window)
+        approx = calibrated.get(str(window))
+        if approx is None and window <= calibrate_up_to:
+            approx = calibrated_options(model, stream, window)
+            calibrated[str(window)] = approx
+        approx = approx or smollm2_options(window)
         variants = {
             "uncompiled": model,
             "inductor": torch.compile(model),
@@ -219,6 +243,8 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, nargs="*", default=[2048, 4096, 8192, 16384])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calibrated", type=Path, help="JSON {window: options} to time instead of the fixed MRA rule")
+    p.add_argument("--calibrate-up-to", type=int, default=4096,
+                   help="run structattn.calibrate (perplexity <= +4%% on held-out windows) for windows up to this")
     p.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "minilm", "generate"])
     args = p.parse_args(argv)
     print(machine(), flush=True)
@@ -227,7 +253,9 @@ def main(argv=None) -> None:
     if "minilm" not in args.skip:
         rows += run_minilm(args.rounds)
     if "smollm2" not in args.skip:
-        rows += run_smollm2(args.windows, args.rounds, calibrated)
+        rows += run_smollm2(args.windows, args.rounds, calibrated, args.calibrate_up_to)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "e2e_options.json").write_text(json.dumps(calibrated, indent=1, default=str))
     if "generate" not in args.skip:
         rows += run_generate(args.rounds)
     print("wrote", write(rows))

@@ -124,14 +124,14 @@ FLEX_STATE = {}
 
 def flex(q, k, v, s, p, selection=None):
     """FlexAttention MRA-2; the first kernel_options that compile for this block size are kept."""
-    from structattn.kernels import mra as KR
+    import mra_flex
 
     if "opts" in FLEX_STATE:
-        return KR.forward_flex(q, k, v, None, s, False, p, selection=selection, kernel_options=FLEX_STATE["opts"])
+        return mra_flex.forward_flex(q, k, v, None, s, False, p, selection=selection, kernel_options=FLEX_STATE["opts"])
     last = None
     for opts in FLEX_OPTS:
         try:
-            out = KR.forward_flex(q, k, v, None, s, False, p, selection=selection, kernel_options=opts)
+            out = mra_flex.forward_flex(q, k, v, None, s, False, p, selection=selection, kernel_options=opts)
             torch.cuda.synchronize()
             FLEX_STATE["opts"] = opts
             RESULTS["env"]["flex_kernel_options"] = opts
@@ -141,7 +141,7 @@ def flex(q, k, v, s, p, selection=None):
             last = exc
             log(f"flex with kernel_options {opts} failed: {type(exc).__name__}: {str(exc)[:200]}")
             torch._dynamo.reset()
-            KR._FLEX.clear()
+            mra_flex._FLEX.clear()
     raise last
 
 
@@ -160,7 +160,9 @@ def poisoned_like(q, dv):
 
 
 def correctness(sizes, quick):
-    from structattn.kernels import monarch as KM, mra as KR, topk as KT
+    from structattn.methods.monarch import triton as KM
+    from structattn.methods.mra import triton as KR
+    from structattn.methods.topk import triton as KT
     from structattn.methods import get_method
     from structattn.methods.monarch import MonarchParams
     from structattn.methods.mra import MraParams
@@ -212,7 +214,9 @@ def correctness(sizes, quick):
 
 def sweep(quick, deadline):
     """dtypes, head dims, masks, GQA, HF transposed views, N not a block multiple, causal."""
-    from structattn.kernels import monarch as KM, mra as KR, topk as KT
+    from structattn.methods.monarch import triton as KM
+    from structattn.methods.mra import triton as KR
+    from structattn.methods.topk import triton as KT
     from structattn.methods import get_method
     from structattn.methods.monarch import MonarchParams
     from structattn.methods.mra import MraParams
@@ -270,7 +274,9 @@ def sweep(quick, deadline):
 
 # ------------------------------------------------------------------------------------------------
 def timings(sizes, topk_max, deadline):
-    from structattn.kernels import monarch as KM, mra as KR, topk as KT
+    from structattn.methods.monarch import triton as KM
+    from structattn.methods.mra import triton as KR
+    from structattn.methods.topk import triton as KT
     from structattn.methods.monarch import MonarchParams
     from structattn.methods.mra import MraParams, mra_select
     from structattn.methods.topk import TopkParams

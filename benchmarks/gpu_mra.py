@@ -1,8 +1,8 @@
-"""MRA-2 on the GPU with the Triton pooling/selection (kernels/mra_select.py): check and time.
+"""MRA-2 on the GPU with the Triton pooling/selection (methods/mra/triton.py): check and time.
 
     PYTHONPATH=src python3 benchmarks/gpu_mra.py
 
-1. selection: Triton vs the reference's ``mra_select`` (same selected block sets, pooled logits);
+1. selection: Triton vs the torch path's ``mra_select`` (same selected block sets, pooled logits);
 2. full MRA-2 forward vs the plain-torch reference (bf16 inputs, fp32 math) and vs exact SDPA;
 3. ``do_bench`` medians, bf16, 1 x 12 heads, d = 64, per call from Python and CUDA-graph replay,
    against ``F.scaled_dot_product_attention`` (flash), for both selection paths.
@@ -17,10 +17,9 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from structattn.kernels import mra as K  # noqa: E402
-from structattn.kernels import mra_select as KS  # noqa: E402
 from structattn.methods import get_method  # noqa: E402
 from structattn.methods.mra import MraParams, mra_select  # noqa: E402
+from structattn.methods.mra import triton as K  # noqa: E402
 from gpu import bench, graph_bench, rel  # noqa: E402  (benchmarks/gpu.py)
 
 
@@ -33,7 +32,7 @@ def main():
         q, k, v = (torch.randn(1, 12, n, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
         s = 64 ** -0.5
         causal = n == 4096
-        got, ref = KS.select(q, k, None, s, causal, p), mra_select(q, k, None, s, causal, p)
+        got, ref = K.select(q, k, None, s, causal, p), mra_select(q, k, None, s, causal, p)
         a = torch.where(got.block_valid, got.block_idx, -1).sort(-1).values
         b = torch.where(ref.block_valid, ref.block_idx, -1).sort(-1).values
         same_rows = (a == b).all(-1).float().mean().item()

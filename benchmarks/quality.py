@@ -19,9 +19,9 @@ block, top-k k, routing window and routes) on all layers and on subsets of layer
 after the evaluated ones for SmolLM2). FLOP fractions are the report's FLOP model: estimated /
 exact attention FLOPs summed over sites (``method.flops`` at the traced shapes).
 
-Speed trick: each (model, length) is compiled ONCE with the private backend option ``_route``
-(every site becomes ``structattn::routed_attention``); a configuration is applied by setting the
-per-site routes (``structattn.lowering.routed.ROUTES``), so the sweep never recompiles. One
+Speed trick: each (model, length) is compiled ONCE as calibrate's ``RoutedModel`` (every site
+becomes ``structattn::routed_attention``); a configuration is applied by setting the per-site
+routes, so the sweep never recompiles. One
 configuration per model is cross-checked against a real ``torch.compile(..., options=...)``.
 
 Writes ``benchmarks/out/quality_<model>.csv``, ``quality_<model>.png`` and ``quality.md``.
@@ -52,10 +52,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import structattn  # noqa: E402
-from structattn import backend as _backend  # noqa: E402
-from structattn.lowering import routed  # noqa: E402
+from structattn.calibrate import RoutedModel  # noqa: E402
 from structattn.methods import SiteShape, exact_flops, get_method  # noqa: E402
-from structattn.report import Report  # noqa: E402
 
 OUT = HERE / "out"
 
@@ -74,57 +72,43 @@ class Config:
     per_layer: dict = field(default_factory=dict)   # layer index -> (method name, params dict)
 
 
-class RoutedModel:
-    """``model`` compiled with ``_route``: ``set(config)`` switches what every site computes."""
+class SweepModel(RoutedModel):
+    """calibrate's ``RoutedModel`` (every site switchable at run time) warmed up on one example:
+    ``set(config)`` puts every layer of a sweep ``Config`` on its method."""
 
     def __init__(self, model, example: dict, options: Optional[dict] = None):
-        torch._dynamo.reset()
-        opts = {**(options or {}), "_route": True, "method": "exact", "compiler": "eager"}
-        self.compiled = torch.compile(model, backend="structattn", options=opts, dynamic=False)
-        self.report = Report(options=opts)
-        with _backend.collect(self.report, root=model), torch.no_grad():
-            self.compiled(**example)
-        self.sites = [s for s in self.report.sites if s.route_key is not None]
+        super().__init__(model, options, dynamic=False)
+        with self.collecting():
+            self(**example)
         if not self.sites:
             raise RuntimeError(f"no attention site was routed:\n{self.report}")
-        self.shapes = [SiteShape(int(s.batch), int(s.num_heads), int(s.num_kv_heads or s.num_heads), int(s.q_len),
-                                 int(s.kv_len), int(s.head_dim), int(s.v_head_dim or s.head_dim),
-                                 s.mask.replace(" (declared)", ""), torch.float32) for s in self.sites]
         self.index = {s.layer: _layer_index(s.layer) for s in self.sites}
 
     def flop_fraction(self, config: Config) -> tuple[Optional[float], Optional[str]]:
         """(estimated / exact attention FLOPs, None) or (None, reason) if a method refuses a site."""
         est = exact = 0.0
-        for site, shape in zip(self.sites, self.shapes):
-            exact += float(exact_flops(shape))
+        for site in self.sites:
+            exact += float(exact_flops(site.shape))
             choice = config.per_layer.get(self.index[site.layer])
             if choice is None:
-                est += float(exact_flops(shape))
+                est += float(exact_flops(site.shape))
                 continue
             method = get_method(choice[0])
             params = method.make_params(choice[1])
-            reason = method.supports(shape, params)
+            reason = method.supports(site.shape, params)
             if reason is not None:
                 return None, f"{site.layer}: {reason}"
-            est += float(method.flops(shape, params))
+            est += float(method.flops(site.shape, params))
         return est / exact, None
 
     def set(self, config: Config) -> None:
         for site in self.sites:
             choice = config.per_layer.get(self.index[site.layer])
             if choice is None:
-                routed.route(site.route_key, None)
-                continue
-            method = get_method(choice[0])
-            routed.route(site.route_key, routed.method_route(method, method.make_params(choice[1])))
-
-    def clear(self) -> None:
-        for site in self.sites:
-            routed.route(site.route_key, None)
-
-    def __call__(self, **kwargs):
-        with torch.no_grad():
-            return self.compiled(**kwargs)
+                self.route(site.route_key, None)
+            else:
+                method = get_method(choice[0])
+                self.route_method(site.route_key, method, method.make_params(choice[1]))
 
 
 def configs_exact() -> Config:
@@ -160,7 +144,7 @@ def uniform(method: str, params: dict, layers: str, n_layers: int, label: str, s
     return Config(label, method, shown, layers, {i: (method, dict(params)) for i in _layers(layers, n_layers)})
 
 
-def from_options(options: dict, routed_model: RoutedModel, label: str) -> Config:
+def from_options(options: dict, routed_model: SweepModel, label: str) -> Config:
     """A calibrated ``options`` dict as a sweep Config (per layer FQN -> method, params)."""
     cfg = structattn.Config.from_options({k: v for k, v in options.items() if k != "compiler"})
     per_layer = {}
@@ -273,7 +257,7 @@ def run_minilm(args) -> list[dict]:
         # batches of 25: every batch (stories and the 50 Lee documents) has one shape, one graph
         batches = data.minilm_batches(tok, eval_docs, n, batch_size=25)
         lee_batches = data.minilm_batches(tok, lee_docs, n, batch_size=25)
-        rm = RoutedModel(model, batches[0])
+        rm = SweepModel(model, batches[0])
         print(f"\n== MiniLM N={n}: {n_eval} stories ({sum(int(b['attention_mask'].sum()) for b in batches)} "
               f"real tokens of {n_eval * n}); compiled in {time.time() - t0:.1f} s", flush=True)
         print(rm.report, flush=True)
@@ -326,7 +310,7 @@ def run_minilm(args) -> list[dict]:
 
 def blocks_at_least_16(method: str):
     """Candidate grids with blocks of at least 16 (tile-friendly for GPU kernels), for ``calibrate``."""
-    from structattn.calibrate import _MRA_FRACTIONS
+    from structattn.methods.mra import CANDIDATE_FRACTIONS
 
     def grid(shape: SiteShape) -> list[dict]:
         n = int(shape.kv_len)
@@ -336,7 +320,7 @@ def blocks_at_least_16(method: str):
         for b in (16, 32):
             mk = -(-n // b)
             out += [{"block_size": b, "blocks_per_row": r, "variant": "mra2"}
-                    for r in sorted({max(1, round(f * mk)) for f in _MRA_FRACTIONS}) if r < mk]
+                    for r in sorted({max(1, round(f * mk)) for f in CANDIDATE_FRACTIONS}) if r < mk]
         return out
     return grid
 
@@ -471,7 +455,7 @@ def run_smollm2(args) -> list[dict]:
         t0 = time.time()
         wins = data.lm_windows(stream, window, count + (4 if window <= 1024 else 1))
         eval_w, calib_w = wins[:count], wins[count:]
-        rm = RoutedModel(model, {"input_ids": eval_w[:1]})
+        rm = SweepModel(model, {"input_ids": eval_w[:1]})
         print(f"\n== SmolLM2 window {window} x {count}; compiled in {time.time() - t0:.1f} s", flush=True)
         print(rm.report, flush=True)
         masks = {s.mask for s in rm.sites}

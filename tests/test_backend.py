@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import structattn
 from structattn.backend import structattn_backend
-from support import rel_err
+from testlib import rel_err
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import structattn
 from structattn.calibrate import CalibratedOptions, default_candidates
 from structattn.methods import SiteShape
-from support import rel_err
+from testlib import rel_err
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import structattn
 from structattn import hf
 from structattn.methods.exact import sdpa
-from support import rel_err
+from testlib import rel_err
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import structattn
-from support import rel_err
+from testlib import rel_err
 
 transformers = pytest.importorskip("transformers")
 

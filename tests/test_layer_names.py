@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import structattn
 from structattn.passes.fqn import names_by_id, normalize
-from support import rel_err
+from testlib import rel_err
 
 
 class Attn(nn.Module):

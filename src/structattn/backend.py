@@ -24,7 +24,7 @@ from .passes import rewrite_attention
 from .passes.fqn import FRAME_KEY, all_module_paths, names_by_id, naming, stack_names
 from .report import GraphRecord, Report, set_last
 
-# explain()/calibrate() collect every graph of their run into one session (see ``collect``)
+# explain()/calibrate() collect every graph of their run into one session (see ``collecting``)
 _COLLECTING: list = []
 # per torch.compile call: id(identity object) -> (weak reference to it, its _Session)
 _SESSIONS: dict = {}
@@ -85,7 +85,7 @@ class _Session:
 
 
 @contextlib.contextmanager
-def collect(report: Report, root: Any = None) -> Iterator[_Session]:
+def collecting(report: Report, root: Any = None) -> Iterator[_Session]:
     """Within this block every graph the backend compiles goes to ``report`` (one session), layer
     names are resolved against ``root`` (a module, or the callable that was compiled) first, and
     unmatched-glob warnings wait for ``finish_collecting``."""
@@ -99,7 +99,7 @@ def collect(report: Report, root: Any = None) -> Iterator[_Session]:
 
 
 def finish_collecting(session: _Session, options: Any, stacklevel: int = 2) -> None:
-    """Warn about globs that matched no layer in any graph of a ``collect`` run."""
+    """Warn about globs that matched no layer in any graph of a ``collecting`` run."""
     session.warn_unmatched(Config.from_options(copy.deepcopy(Config.checked_dict(options))), stacklevel + 1)
 
 

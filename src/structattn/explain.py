@@ -27,7 +27,7 @@ def explain(model: Any, *args: Any, options: Optional[dict] = None, dynamic: Opt
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=_backend.structattn_backend, options=opts, dynamic=dynamic)
     try:
-        with _backend.collect(report, root=model) as session, torch.no_grad():
+        with _backend.collecting(report, root=model) as session, torch.no_grad():
             report.output = compiled(*args, **kwargs)
     finally:
         torch._dynamo.reset()

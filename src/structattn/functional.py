@@ -5,6 +5,10 @@ q, k, v are ``[B, H, N, D]`` (k/v may have fewer heads that divide H: grouped-qu
 ``scale`` defaults to ``1/sqrt(head_dim)``. Every function goes through the method's
 ``torch.library`` op, so it works under ``torch.compile`` and autograd. ``impl`` picks the path:
 ``"auto"`` (Triton on CUDA when a kernel exists, else plain torch), ``"triton"`` or ``"torch"``.
+
+Every registered method is reachable as ``<name>_attention``: the documented wrappers below, or,
+for a method registered later, a generic one (module ``__getattr__``) taking the method's
+parameters as keywords.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Optional
 import torch
 
 from .lowering.ops import IMPLS, check_inputs, op_args, op_for
-from .methods import get_method
+from .methods import REGISTRY, get_method
 
 __all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention",
            "routing_attention"]
@@ -60,7 +64,7 @@ def _check_supported(method: str, q, k, v, attn_mask, is_causal: bool, pargs: tu
 
 
 def _mask_kind(attn_mask: Optional[torch.Tensor], is_causal: bool) -> str:
-    from .methods.masks import is_key_padding
+    from .methods.common import is_key_padding
 
     if attn_mask is None:
         return "causal" if is_causal else "none"
@@ -123,3 +127,18 @@ def routing_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, c
     return attention("routing", q, k, v, attn_mask, scale, is_causal, impl=impl, clusters=clusters, window=window,
                      routes=routes, iterations=iterations, local_window=local_window, sink_tokens=sink_tokens,
                      pooled=pooled)
+
+
+def __getattr__(name: str):
+    """``<method>_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, impl="auto",
+    **params)`` for a registered method without a wrapper above."""
+    method = name[: -len("_attention")] if name.endswith("_attention") else None
+    if method not in REGISTRY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def call(q, k, v, /, attn_mask=None, scale=None, is_causal=False, *, impl="auto", **params):
+        return attention(method, q, k, v, attn_mask, scale, is_causal, impl=impl, **params)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{REGISTRY[method].description or method}: ``attention({method!r}, ...)``."
+    return call

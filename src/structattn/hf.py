@@ -53,7 +53,7 @@ from .config import Config, Resolved
 from .lowering.ops import op_args, op_for
 from .passes.cost import auto_min_seq_len, cost_reason
 from .methods import SiteShape, exact_flops, get_method
-from .methods.masks import causal_keep
+from .methods.common import causal_keep
 from .report import Site, _gflop, _heads
 
 __all__ = ["NAME", "register", "apply", "report", "attention_forward", "build_mask", "plan_mask", "HFReport", "HFSite"]
@@ -371,8 +371,8 @@ def _plain_eager(module, query, key, value, mask, call):
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class HFSite(Site):
-    """One row of an ``HFReport``: calls of one layer that ran the same way. ``q_len``/``kv_len``
-    are the latest call's; ``flops``/``exact_flops`` are summed over ``calls``. ``rewritten``
+    """One row of an ``HFReport``: calls of one layer that ran the same way. ``shape`` (so
+    ``q_len``/``kv_len``...) is the latest call's; ``flops``/``exact_flops`` are summed over ``calls``. ``rewritten``
     means a structattn op ran (the method, or exact when ``reason`` says why); False means
     transformers' own exact attention ran (output_attentions, softcap, dropout...)."""
 
@@ -450,12 +450,10 @@ def _record(binding: _Binding, layer: str, resolved: Resolved, query, key, value
             values = {} if params is None else {f.name: getattr(params, f.name)
                                                 for f in get_method(method).param_fields()}
             row = HFSite(layer=layer, form="hf", method=method, params=values, rewritten=rewritten, reason=reason,
-                         q_len=0, kv_len=0, head_dim=query.shape[3], num_heads=query.shape[1],
-                         num_kv_heads=key.shape[1], v_head_dim=value.shape[3], requested=resolved.method,
-                         mask=mask, flops=0, exact_flops=0)
+                         requested=resolved.method, mask=mask, flops=0, exact_flops=0)
             report.rows[(layer, method, mask, reason)] = row
         row.calls += 1
-        row.q_len, row.kv_len, row.batch = query.shape[2], key.shape[2], query.shape[0]
+        row.shape = shape
         row.scale = None
         row.flops += flops
         row.exact_flops += exact

@@ -1,18 +1,27 @@
 """What the backend did: one ``Site`` per attention found, collected in a ``Report``."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import networkx as nx
 import sympy
 import torch
 
+from .methods.base import SiteShape
+
+#: the shape attributes a Site reads from its SiteShape (None when the shape is unknown)
+SHAPE_FIELDS = ("q_len", "kv_len", "head_dim", "num_heads", "num_kv_heads", "v_head_dim", "batch")
+
 
 @dataclass
 class Site:
     """One attention site. ``rewritten`` means it now runs a structattn op; ``reason`` (if set)
-    says why it runs exact instead of the method that was asked for."""
+    says why it runs exact instead of the method that was asked for. ``shape`` is what the
+    methods saw (None when the site's operands were not understood); its sizes read as
+    ``site.q_len``, ``site.kv_len``, ``site.head_dim``, ``site.num_heads``, ``site.num_kv_heads``,
+    ``site.v_head_dim`` and ``site.batch``. ``mask`` is the mask kind as reported (a causal
+    mask declared by ``options["causal"]`` says so)."""
 
     layer: str
     form: str
@@ -20,13 +29,7 @@ class Site:
     params: dict
     rewritten: bool
     reason: Optional[str]
-    q_len: Any
-    kv_len: Any
-    head_dim: Any
-    num_heads: Any
-    num_kv_heads: Any = None
-    v_head_dim: Any = None
-    batch: Any = None
+    shape: Optional[SiteShape] = None
     requested: Optional[str] = None
     mask: str = "none"
     scale: Optional[float] = None
@@ -42,9 +45,26 @@ class Site:
     #: with ``min_seq_len="auto"``: the kv length below which this site runs exact, and why
     min_seq_len: Optional[str] = None
 
+    q_len = property(lambda self: self._size("q_len"))
+    kv_len = property(lambda self: self._size("kv_len"))
+    head_dim = property(lambda self: self._size("head_dim"))
+    num_heads = property(lambda self: self._size("num_heads"))
+    num_kv_heads = property(lambda self: self._size("num_kv_heads"))
+    v_head_dim = property(lambda self: self._size("v_head_dim"))
+    batch = property(lambda self: self._size("batch"))
+
+    def _size(self, name: str) -> Any:
+        return None if self.shape is None else getattr(self.shape, name)
+
     def to_dict(self) -> dict:
-        """JSON-friendly dict (sympy expressions become strings)."""
-        return {k: _plain(v) for k, v in asdict(self).items()}
+        """JSON-friendly dict: every field, the shape as its sizes (sympy expressions become strings)."""
+        out = {}
+        for f in fields(self):
+            if f.name == "shape":
+                out.update({k: self._size(k) for k in SHAPE_FIELDS})
+            else:
+                out[f.name] = getattr(self, f.name)
+        return {k: _plain(v) for k, v in out.items()}
 
 
 @dataclass

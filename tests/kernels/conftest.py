@@ -12,10 +12,9 @@ import sys
 
 import pytest
 
-_KERNEL_MODULES = (
-    "structattn.kernels.monarch", "structattn.kernels.mra", "structattn.kernels.mra_select", "structattn.kernels.topk",
-    "structattn.methods.routing.triton",
-)
+from structattn.methods import REGISTRY
+
+_KERNEL_MODULES = [m.kernel_module for m in REGISTRY.values() if m.kernel_module]
 
 _prev = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"

@@ -9,16 +9,15 @@ import torch
 import torch.nn.functional as F
 
 import structattn.functional as SF
-from structattn.kernels import monarch as KMO
-from structattn.kernels import mra as KMRA
-from structattn.kernels import mra_select as KS
-from structattn.kernels import topk as KT
 from structattn.methods import get_method
 from structattn.methods.monarch import MonarchParams
-from structattn.methods.mra import MraParams, mra_select
+from structattn.methods.monarch import triton as KMO
+from structattn.methods.mra import MraParams
+from structattn.methods.mra import triton as KMRA
 from structattn.methods.topk import TopkParams
+from structattn.methods.topk import triton as KT
 
-from kernels_testlib import poisoned, qkv, rel_err
+from testlib import TOL, make_qkv, poisoned, rel_err, sdpa_reference
 
 INF, NAN = float("inf"), float("nan")
 
@@ -35,23 +34,11 @@ IDS = [c[0] for c in EXACT_LIMITS]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf / NaN
 
 
-def _sdpa64(q, k, v, mask, scale, causal):
-    """SDPA in float64 on the kernel's inputs (is_causal joins a mask additively, as SDPA does)."""
-    q, k, v = q.double(), k.double(), v.double()
-    m = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
-    if causal and m is not None:
-        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
-        m = m & keep if m.dtype == torch.bool else m + torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, -INF)
-        causal = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
-
-
 @pytest.mark.parametrize("label,K,params,causal", EXACT_LIMITS, ids=IDS)
 def test_finite_biases_at_exact_limits(label, K, params, causal):
     """Per (batch, head): every key at -2e4; every key at finfo.min (the mean of v); keys at 0 and
     -1e4 (the -1e4 ones get weight ~0, not dropped by a rule); signed biases with a +50 block."""
-    q, k, v = qkv(2, 2, 1, 13, 13, 16, 8, torch.float32, seed=11)
+    q, k, v = make_qkv(2, 2, 1, 13, 13, 16, 8, torch.float32, seed=11)
     mask = torch.zeros(2, 2, 1, 13)
     mask[0, 0] = -2e4
     mask[0, 1] = torch.finfo(torch.float32).min
@@ -59,22 +46,22 @@ def test_finite_biases_at_exact_limits(label, K, params, causal):
     mask[1, 1] = torch.randn(13, generator=torch.Generator().manual_seed(3)) * 3
     mask[1, 1, :, 4:8] += 50.0
     out = K.forward(q, k, v, mask, 0.5, causal, params, out=poisoned(2, 2, 13, 8, torch.float32))
-    ref = _sdpa64(q, k, v, mask, 0.5, causal)
+    ref = sdpa_reference(q, k, v, mask, 0.5, causal, torch.float64)
     assert torch.isfinite(out).all()
     # fp32 rounds s - 2e4 to ~1e-3: the bound separates that from a dropped row (error ~1)
     assert rel_err(out[0, 0], ref[0, 0]) < 1e-2
     if not causal:
         assert rel_err(out[0, 1], v[0, 0].double().mean(0).expand(13, 8)) < 1e-6
     for b, h in ((0, 1), (1, 0), (1, 1)):
-        assert rel_err(out[b, h], ref[b, h]) < 2e-5, (b, h)
+        assert rel_err(out[b, h], ref[b, h]) < TOL[torch.float32], (b, h)
 
 
 def test_mra_kernel_is_shift_invariant_below_the_limit():
     """A bias of -1e4 on every key selects the same blocks and gives the same output as no mask."""
-    q, k, v = qkv(1, 2, 1, 40, 40, 16, 8, torch.float32, seed=5)
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 16, 8, torch.float32, seed=5)
     p = MraParams(block_size=8, blocks_per_row=2)
     shift = torch.full((40,), -1e4)
-    got, plain = KS.select(q, k, shift, 0.5, True, p), KS.select(q, k, None, 0.5, True, p)
+    got, plain = KMRA.select(q, k, shift, 0.5, True, p), KMRA.select(q, k, None, 0.5, True, p)
     assert torch.equal(got.block_idx, plain.block_idx) and torch.equal(got.block_valid, plain.block_valid)
     out, ref = KMRA.forward(q, k, v, shift, 0.5, True, p), KMRA.forward(q, k, v, None, 0.5, True, p)
     assert rel_err(out, ref) < 1e-2 and out.abs().max() > 0.1
@@ -94,12 +81,12 @@ def _poison(q, k, v, where):
 @pytest.mark.parametrize("label,K,params,causal", EXACT_LIMITS, ids=IDS)
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_non_finite_inputs_at_exact_limits(label, K, params, causal, where):
-    q, k, v = qkv(1, 2, 1, 13, 13, 16, 8, torch.float32, seed=7)
+    q, k, v = make_qkv(1, 2, 1, 13, 13, 16, 8, torch.float32, seed=7)
     _poison(q, k, v, where)
     mask = torch.randn(1, 2, 1, 13, generator=torch.Generator().manual_seed(1))
     mask[..., 11] = -INF
     out = K.forward(q, k, v, mask, 0.5, causal, params, out=poisoned(1, 2, 13, 8, torch.float32))
-    ref = _sdpa64(q, k, v, mask, 0.5, causal)
+    ref = sdpa_reference(q, k, v, mask, 0.5, causal, torch.float64)
     finite = torch.isfinite(ref)
     assert not finite.all()
     assert torch.isfinite(out[finite]).all()
@@ -119,7 +106,7 @@ def test_non_finite_inputs_at_exact_limits(label, K, params, causal, where):
 def test_topk_kernel_propagates_nan(kk):
     """NaN is never turned into 0: NaN / +inf scores make their row NaN (as the torch path does);
     every other row equals the torch path."""
-    q, k, v = qkv(1, 2, 2, 13, 13, 16, 8, torch.float32, seed=2)
+    q, k, v = make_qkv(1, 2, 2, 13, 13, 16, 8, torch.float32, seed=2)
     q[0, 0, 4, 0] = NAN        # one NaN score row
     q[0, 1, 7, :] = INF        # a row of +inf / -inf scores: the k-th largest may be +inf itself
     p = TopkParams(k=kk)
@@ -128,7 +115,7 @@ def test_topk_kernel_propagates_nan(kk):
     bad = ~torch.isfinite(ref)
     assert bad[0, 0, 4].all() and bad[0, 1, 7].all()
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
-    assert rel_err(out[~bad], ref[~bad]) < 2e-5
+    assert rel_err(out[~bad], ref[~bad]) < TOL[torch.float32]
     k[0, 1, 5, 2] = NAN        # a NaN key: every row of head 1 sees a NaN score
     out = KT.forward(q, k, v, None, 0.5, False, p)
     assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, 0, :4]).all()
@@ -137,7 +124,7 @@ def test_topk_kernel_propagates_nan(kk):
 @pytest.mark.parametrize("K", [KMRA, KMO], ids=["mra", "monarch"])
 def test_nan_rows_stay_nan_below_the_limit(K):
     """Below the exact limit too, a NaN query row comes out NaN (the old guards made it 0)."""
-    q, k, v = qkv(1, 1, 1, 16, 16, 16, 8, torch.float32, seed=4)
+    q, k, v = make_qkv(1, 1, 1, 16, 16, 16, 8, torch.float32, seed=4)
     q[0, 0, 5, 3] = NAN
     params = MraParams(block_size=4, blocks_per_row=1, variant="mra2s") if K is KMRA else MonarchParams(block_size=4)
     out = K.forward(q, k, v, None, 0.5, False, params)
@@ -169,10 +156,10 @@ def test_empty_inputs(shape):
     (SF.topk_attention, {"k": 100}),
 ])
 def test_one_dimensional_and_three_dimensional_masks(fn, kw):
-    q, k, v = qkv(1, 2, 1, 13, 13, 16, 8, torch.float32, seed=9)
+    q, k, v = make_qkv(1, 2, 1, 13, 13, 16, 8, torch.float32, seed=9)
     keep = torch.rand(13, generator=torch.Generator().manual_seed(0)) > 0.3
     keep[0] = True
     bias = torch.randn(2, 1, 13, generator=torch.Generator().manual_seed(1))
     for mask in (keep, bias):
         out = fn(q, k, v, mask, 0.5, impl="triton", **kw)
-        assert rel_err(out, _sdpa64(q, k, v, mask.expand(1, 2, 13, 13), 0.5, False)) < 2e-5
+        assert rel_err(out, sdpa_reference(q, k, v, mask.expand(1, 2, 13, 13), 0.5, False, torch.float64)) < TOL[torch.float32]

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from structattn.kernels import mra_select as KS
 from structattn.methods.mra import MraParams, mra_select
+from structattn.methods.mra import triton as K
 
-from kernels_testlib import qkv
+from testlib import make_qkv
 
 
 def _selected(sel):
@@ -26,7 +26,7 @@ def _selected(sel):
     ],
 )
 def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask, sink):
-    q, k, _ = qkv(B, H, Hk, nq, nk, 16, 16, torch.float32, transposed=True)
+    q, k, _ = make_qkv(B, H, Hk, nq, nk, 16, 16, torch.float32, transposed=True)
     if mask == "bool":
         mask = torch.ones(B, 1, 1, nk, dtype=torch.bool)
         mask[-1, ..., nk - 20:] = False
@@ -42,7 +42,7 @@ def test_selection_matches_reference(B, H, Hk, nq, nk, b, r, causal, mask, sink)
         mask[:, 0, :, 3 * b:4 * b] = low              # block 3: every key at finfo.min
         mask[:, 1] -= 64.0                            # head 1: a shift shared by every key
     p = MraParams(block_size=b, blocks_per_row=r, sink_blocks=sink)
-    got, ref = KS.select(q, k, mask, 0.3, causal, p), mra_select(q, k, mask, 0.3, causal, p)
+    got, ref = K.select(q, k, mask, 0.3, causal, p), mra_select(q, k, mask, 0.3, causal, p)
     assert torch.equal(_selected(got), _selected(ref))
     assert torch.equal(got.block_valid, ref.block_valid)
     assert torch.equal(got.pooled_logits.isinf(), ref.pooled_logits.isinf())

@@ -6,18 +6,11 @@ reference rounding its scores to fp16 could pick a different k-th key on a near-
 import pytest
 import torch
 
-from structattn.kernels import topk as K
-from structattn.methods import get_method
 from structattn.methods.topk import TopkParams
+from structattn.methods.topk import naive
+from structattn.methods.topk import triton as K
 
-import kernel_oracles as oracles
-from kernels_testlib import check_rows, poisoned, qkv, rel_err
-
-REF = get_method("topk")
-
-
-def _ref(q, k, v, mask, scale, causal, p):
-    return REF.forward(q.double(), k.double(), v.double(), mask, scale, causal, p)
+from testlib import check_rows, make_qkv, poisoned, rel_err, torch_path_f64
 
 
 @pytest.mark.parametrize(
@@ -30,22 +23,23 @@ def _ref(q, k, v, mask, scale, causal, p):
     ],
 )
 def test_matches_reference(nq, nk, kk, causal, mask, dtype):
-    q, k, v = qkv(1, 4, 2, nq, nk, 16, 32, dtype)
+    q, k, v = make_qkv(1, 4, 2, nq, nk, 16, 32, dtype)
     if mask == "bool":
         mask = torch.rand(1, 1, nq, nk) > 0.3
     elif mask == "float":
         mask = torch.randn(1, 4, 1, nk)
     p = TopkParams(k=kk)
     out = K.forward(q, k, v, mask, 0.3, causal, p, out=poisoned(1, 4, nq, 32, dtype))
-    check_rows(out, _ref(q, k, v, mask, 0.3, causal, p), dtype)
+    check_rows(out, torch_path_f64("topk", q, k, v, mask, 0.3, causal, p), dtype)
 
 
 def test_transposed_views_and_dead_rows():
-    q, k, v = qkv(2, 2, 1, 33, 33, 16, 16, torch.float32, transposed=True)
+    q, k, v = make_qkv(2, 2, 1, 33, 33, 16, 16, torch.float32, transposed=True)
     mask = torch.rand(2, 1, 33, 33) > 0.5
     mask[:, :, 3] = False  # query row 3 sees no key: output 0
     p = TopkParams(k=4)
     out = K.forward(q, k, v, mask, 0.25, False, p)
     assert out[:, :, 3].abs().max() == 0
-    check_rows(out, oracles.topk(q, k, v, mask, 0.25, False, 4), torch.float32)
-    assert rel_err(_ref(q, k, v, mask, 0.25, False, p), oracles.topk(q, k, v, mask, 0.25, False, 4)) < 1e-12
+    check_rows(out, naive.forward(q, k, v, mask, 0.25, False, p), torch.float32)
+    ref = naive.forward(q, k, v, mask, 0.25, False, p)
+    assert rel_err(torch_path_f64("topk", q, k, v, mask, 0.25, False, p), ref) < 1e-12

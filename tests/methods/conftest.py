@@ -1,4 +1,4 @@
-"""Fixtures for the method tests; the helpers live in methods_testlib.py."""
+"""Fixtures for the method tests; the helpers live in tests/testlib.py."""
 from __future__ import annotations
 
 import zlib

@@ -1,102 +1,22 @@
 """MonarchAttention: exact limits, an independent float64 implementation, masks, dtypes, FLOPs."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import sympy
 import torch
 
 from structattn.methods import SiteShape, get_method
+from structattn.methods.common import key_bias_1d
+from structattn.methods.exact.naive import dense_attention
 from structattn.methods.monarch import MonarchParams, monarch_blocks, monarch_forward
+from structattn.methods.monarch.naive import monarch_attention as naive_monarch
+from structattn.methods.monarch.naive import monarch_head, objective
 
-from methods_testlib import dense_attention, key_bias_1d, key_padding, make_qkv, per_head, rel_err
+from testlib import TOL, key_padding, make_qkv, rel_err
 
 METHOD = get_method("monarch")
 
 
-# ----------------------------------------------------------------------------------------------
-# An independent float64 implementation, written with explicit loops over blocks and positions,
-# explicit entropies (-sum p log p) and an explicit dense A = L_j[k,l] R_k[j,i].
-# ----------------------------------------------------------------------------------------------
-def _softmax_or_zero(x: torch.Tensor) -> torch.Tensor:
-    if torch.isinf(x).all() and (x < 0).all():
-        return torch.zeros_like(x)
-    return torch.softmax(x, dim=0)
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    nz = p[p > 0]
-    return -(nz * nz.log()).sum()
-
-
-def naive_monarch_head(q, k, v, bias, scale, block_size, steps):
-    """One head. q [Nq,D], k [Nk,D], v [Nk,Dv], bias [Nk] (-inf = masked). Returns (out, A, S)."""
-    Nq, Nk = q.shape[0], k.shape[0]
-    bk = min(block_size or math.ceil(math.sqrt(Nk)), Nk)
-    M = math.ceil(Nk / bk)
-    bq = bk if Nq == Nk else math.ceil(Nq / M)
-    qp = torch.zeros(M * bq, q.shape[1], dtype=torch.float64)
-    qp[:Nq] = q
-    kp = torch.zeros(M * bk, k.shape[1], dtype=torch.float64)
-    kp[:Nk] = k
-    vp = torch.zeros(M * bk, v.shape[1], dtype=torch.float64)
-    vp[:Nk] = v
-    bp = torch.full((M * bk,), float("-inf"), dtype=torch.float64)
-    bp[:Nk] = bias
-    Q = lambda l, j: qp[l * bq + j]  # noqa: E731
-    valid = lambda l, j: l * bq + j < Nq  # noqa: E731
-    Kb = lambda kb: kp[kb * bk:(kb + 1) * bk]  # noqa: E731
-    Bb = lambda kb: bp[kb * bk:(kb + 1) * bk]  # noqa: E731
-
-    L = [torch.eye(M, dtype=torch.float64) for _ in range(bq)]  # L[j][k, l]
-    R = None
-    for _ in range(steps):
-        R = torch.zeros(M, bq, bk, dtype=torch.float64)
-        for kb in range(M):
-            for j in range(bq):
-                c = sum(L[j][kb, l] for l in range(M) if valid(l, j))
-                alpha = sum((L[j][kb, l] * Q(l, j) for l in range(M) if valid(l, j)),
-                            torch.zeros(q.shape[1], dtype=torch.float64))
-                x = scale * (Kb(kb) @ alpha) / c if c > 0 else torch.zeros(bk, dtype=torch.float64)
-                R[kb, j] = _softmax_or_zero(x + Bb(kb))
-        newL = []
-        for j in range(bq):
-            Lj = torch.zeros(M, M, dtype=torch.float64)
-            for l in range(M):
-                logits = torch.empty(M, dtype=torch.float64)
-                for kb in range(M):
-                    r = R[kb, j]
-                    if torch.isinf(Bb(kb)).all():
-                        logits[kb] = float("-inf")
-                        continue
-                    keep = r > 0
-                    kbar = scale * (r @ Kb(kb))
-                    logits[kb] = Q(l, j) @ kbar + _entropy(r) + (r[keep] * Bb(kb)[keep]).sum()
-                Lj[:, l] = _softmax_or_zero(logits)
-            newL.append(Lj)
-        L = newL
-    A = torch.zeros(M * bq, M * bk, dtype=torch.float64)
-    for l in range(M):
-        for j in range(bq):
-            for kb in range(M):
-                A[l * bq + j, kb * bk:(kb + 1) * bk] = L[j][kb, l] * R[kb, j]
-    A = A[:Nq, :Nk]
-    S = scale * q @ k.T + bias
-    return A @ v, A, S
-
-
-def naive_monarch(q, k, v, attn_mask, scale, block_size, steps):
-    return per_head(lambda *a: naive_monarch_head(*a)[0], q, k, v, attn_mask, scale, block_size, steps)
-
-
-def objective(A, S):
-    """<A, S> + H(A) summed over rows, ignoring masked (-inf) entries that carry no weight."""
-    keep = A > 0
-    return (A[keep] * S[keep]).sum() - (A[keep] * A[keep].log()).sum()
-
-
-# ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("N", [1, 5, 16, 23])
 @pytest.mark.parametrize("steps", [1, 2, 3])
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
@@ -149,7 +69,7 @@ def test_steps_are_block_coordinate_ascent(seed):
     bias = key_bias_1d(key_padding(1, 14, seed), 1, 1, 0, 0, 14)
     values = []
     for steps in range(1, 5):
-        _, A, S = naive_monarch_head(q[0, 0], k[0, 0], v[0, 0], bias, 0.8, 4, steps)
+        _, A, S = monarch_head(q[0, 0], k[0, 0], v[0, 0], bias, 0.8, 4, steps)
         values.append(objective(A, S).item())
         assert torch.allclose(A.sum(-1), torch.ones(14, dtype=torch.float64))  # rows stochastic
         assert (A[:, torch.isinf(bias)] == 0).all()
@@ -202,23 +122,23 @@ def test_padded_query_rows_do_not_dilute(seed):
     assert rel_err(out, ref) < 1e-10
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
-def test_low_precision_exact_limits(seed, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_exact_limits(seed, dtype):
     q, k, v = make_qkv(B=1, H=4, Hk=2, Nq=20, D=16, Dv=8, seed=seed, dtype=dtype)
     am = key_padding(1, 20, seed)
     ref = dense_attention(q, k, v, am, 0.25)
     for b in (1, 20):
         out = monarch_forward(q, k, v, am, 0.25, MonarchParams(block_size=b, num_steps=2))
         assert out.dtype == dtype and not out.isnan().any()
-        assert rel_err(out, ref) < tol
+        assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
-def test_low_precision_matches_float64_of_same_method(seed, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_matches_float64_of_same_method(seed, dtype):
     q, k, v = make_qkv(B=1, H=2, Hk=2, Nq=30, D=16, seed=seed, dtype=dtype)
     out = monarch_forward(q, k, v, None, 0.25, MonarchParams(num_steps=2))
     ref = monarch_forward(q.double(), k.double(), v.double(), None, 0.25, MonarchParams(num_steps=2))
-    assert rel_err(out, ref) < tol
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 def test_approximation_is_not_exact_in_between(seed):
@@ -283,7 +203,7 @@ def test_flops_formula_and_sympy():
 
 def test_head_groups_give_the_same_result(seed, monkeypatch):
     """Long inputs are processed in groups of heads; the split must not change values or grads."""
-    import structattn.methods.monarch as mon
+    import structattn.methods.monarch.torch as mon
 
     q, k, v = make_qkv(B=2, H=4, Hk=2, Nq=13, D=4, seed=seed)
     am = key_padding(2, 13, seed, heads=4)
@@ -308,7 +228,7 @@ def test_finite_min_masks_behave_like_sdpa(seed):
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=am)
     for b in (1, 10):
         out = monarch_forward(q, k, v, am, 0.5, MonarchParams(block_size=b))
-        assert rel_err(out, dense_attention(q, k, v, am, 0.5)) < 1e-5
-        assert rel_err(out[1], sdpa[1]) < 1e-5 and sdpa[1].abs().max() > 0
+        assert rel_err(out, dense_attention(q, k, v, am, 0.5)) < TOL[torch.float32]
+        assert rel_err(out[1], sdpa[1]) < TOL[torch.float32] and sdpa[1].abs().max() > 0
     out = monarch_forward(q, k, v, am, 0.5, MonarchParams(block_size=3, num_steps=2))  # padded
     assert torch.isfinite(out).all()

@@ -1,85 +1,20 @@
 """MRA-2: exact limit, an independent float64 implementation, selection rules, masks, dtypes, FLOPs."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import sympy
 import torch
 
 from structattn.methods import SiteShape, get_method
+from structattn.methods.exact.naive import dense_attention
 from structattn.methods.mra import MraParams, mra_forward, mra_select
+from structattn.methods.mra.naive import mra_attention as naive_mra
 
-from methods_testlib import dense_attention, key_padding, make_qkv, per_head, rel_err
+from testlib import TOL, key_padding, make_qkv, rel_err
 
 METHOD = get_method("mra")
 
 
-# ----------------------------------------------------------------------------------------------
-# Independent float64 implementation: explicit loops over query rows, selection by sorting.
-# ----------------------------------------------------------------------------------------------
-def naive_mra_head(q, k, v, bias, scale, causal, b, r_budget, variant, sink=0):
-    """Written from the module docstring's derivation: block j pools its keys with the softmax of
-    their biases (keys of bias -inf excluded), its pooled logit adds logsumexp(bias), its selection
-    score the log-mean-exp of the biases of its non-(-inf) keys."""
-    Nq, Nk = q.shape[0], k.shape[0]
-    b = min(b, max(Nq, Nk))
-    Mq, Mk = math.ceil(Nq / b), math.ceil(Nk / b)
-    blocks = lambda j: [m for m in range(j * b, min((j + 1) * b, Nk))]  # noqa: E731
-    khat, vhat, beta, count = [], [], [], []
-    for j in range(Mk):
-        idx = [m for m in blocks(j) if bias[m] != float("-inf")]
-        count.append(len(idx))
-        if not idx:
-            khat.append(torch.zeros(k.shape[1], dtype=torch.float64))
-            vhat.append(torch.zeros(v.shape[1], dtype=torch.float64))
-            beta.append(float("-inf"))
-            continue
-        w = torch.softmax(bias[idx], 0)
-        khat.append(w @ k[idx])
-        vhat.append(w @ v[idx])
-        beta.append(torch.logsumexp(bias[idx], 0))
-    lhat_of = lambda qhat, j: scale * qhat @ khat[j]  # noqa: E731
-    out = torch.zeros(Nq, v.shape[1], dtype=torch.float64)
-    for i in range(Mq):
-        rows = list(range(i * b, min((i + 1) * b, Nq)))
-        qhat = q[rows].mean(0)
-        cand = [j for j in range(Mk) if count[j] > 0 and (not causal or j <= i)]
-        lhat = {j: lhat_of(qhat, j) + beta[j] - math.log(count[j]) for j in cand}
-        r = min(r_budget, Mk)
-        order = sorted(cand, key=lambda j: -float(lhat[j]))
-        order = [j for j in order if j < sink] + [j for j in order if j >= sink]
-        if causal and i in cand:
-            order = [i] + [j for j in order if j != i]
-        chosen = order[:r]
-        for n in rows:
-            logits, values = [], []
-            for j in chosen:
-                for m in blocks(j):
-                    if causal and m > n:
-                        continue
-                    logits.append(scale * q[n] @ k[m] + bias[m])
-                    values.append(v[m])
-            if variant == "mra2":
-                for j in cand:
-                    if j not in chosen:
-                        logits.append(lhat_of(qhat, j) + beta[j])
-                        values.append(vhat[j])
-            if not logits:
-                continue
-            x = torch.stack([torch.as_tensor(t, dtype=torch.float64) for t in logits])
-            if torch.isinf(x).all():
-                continue
-            p = torch.softmax(x, 0)
-            out[n] = p @ torch.stack(values)
-    return out
-
-
-def naive_mra(q, k, v, attn_mask, scale, causal, b, r, variant, sink=0):
-    return per_head(naive_mra_head, q, k, v, attn_mask, scale, causal, b, r, variant, sink)
-
-
-# ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("Nq,Nk", [(16, 16), (23, 23), (5, 18), (18, 5), (1, 1)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("variant", ["mra2", "mra2s"])
@@ -212,28 +147,28 @@ def test_fully_masked_rows_match_sdpa(seed, float_mask):
                     assert out[0, :, :5].abs().max().item() == 0.0 and sdpa[0, :, :5].abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
-def test_low_precision_exact_limit(seed, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_exact_limit(seed, dtype):
     q, k, v = make_qkv(B=1, H=4, Hk=2, Nq=40, D=16, Dv=8, seed=seed, dtype=dtype)
     am = key_padding(1, 40, seed)
     for causal in (False, True):
         ref = dense_attention(q, k, v, am, 0.25, causal)
         out = mra_forward(q, k, v, am, 0.25, causal, MraParams(8, 5))
         assert out.dtype == dtype and not out.isnan().any()
-        assert rel_err(out, ref) < tol
+        assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
-def test_low_precision_matches_float64_of_same_method(seed, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_matches_float64_of_same_method(seed, dtype):
     q, k, v = make_qkv(B=1, H=2, Hk=2, Nq=64, D=16, seed=seed, dtype=dtype)
     p = MraParams(8, 2)
     out = mra_forward(q, k, v, None, 0.25, True, p)
     ref = mra_forward(q.double(), k.double(), v.double(), None, 0.25, True, p)
-    assert rel_err(out, ref) < tol
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 def test_mra2_beats_mra2s_on_diffuse_attention(seed):
-    """The pooled remainder helps when attention is spread out (METHODS.md); a test that can fail."""
+    """The pooled remainder helps when attention is spread out; a test that can fail."""
     q, k, v = make_qkv(B=1, H=4, Hk=4, Nq=128, D=16, seed=seed, spread=0.3)
     ref = dense_attention(q, k, v, None, 0.25)
     e2 = rel_err(mra_forward(q, k, v, None, 0.25, False, MraParams(16, 2, "mra2")), ref)
@@ -270,7 +205,7 @@ def test_flops_formula_and_sympy():
 
 @pytest.mark.parametrize("chunk", [1, 200, 700])  # 1 block, 3 of 5 blocks, 2 of 4 heads
 def test_chunks_give_the_same_result(seed, monkeypatch, chunk):
-    import structattn.methods.mra as mra_module
+    import structattn.methods.mra.torch as mra_module
 
     q, k, v = make_qkv(B=2, H=4, Hk=2, Nq=19, D=4, seed=seed)
     am = key_padding(2, 19, seed, heads=4)
@@ -295,7 +230,7 @@ _FAST_SHAPES = [(2, 4, 2, 100, 100), (1, 3, 3, 64, 64), (2, 2, 1, 37, 37)]
                          + [(False, (1, 2, 2, 20, 53))])   # causal cross attention runs the reference
 def test_fast_cpu_path_equals_the_reference(causal, variant, mask, shape):
     """The fused CPU path (inference, no autograd) computes what the differentiable reference does."""
-    from structattn.methods import mra_cpu
+    from structattn.methods.mra import fused_cpu
 
     B, H, Hk, Nq, Nk = shape
     g = torch.Generator().manual_seed(hash((causal, variant, mask, shape)) % 2**31)
@@ -309,9 +244,9 @@ def test_fast_cpu_path_equals_the_reference(causal, variant, mask, shape):
                  "padding_bias": torch.where(keep, 0.0, torch.finfo(torch.float32).min)[:, None, None, :],
                  "soft_bias": torch.randn(B, 1, 1, Nk, generator=g) * 3}[mask]
     params = MraParams(block_size=8, blocks_per_row=3, variant=variant, sink_blocks=1)
-    assert mra_cpu.usable(q, k, v, causal) is None
+    assert fused_cpu.usable(q, k, v, causal) is None
     with torch.no_grad():
         fast = mra_forward(q, k, v, attn_mask, 0.3, causal, params)
     ref = mra_forward(q.requires_grad_(), k, v, attn_mask, 0.3, causal, params)   # autograd: the reference
     assert torch.isfinite(fast).all()
-    assert rel_err(fast, ref.detach()) < 1e-5
+    assert rel_err(fast, ref.detach()) < TOL[torch.float32]

@@ -13,13 +13,14 @@ import structattn
 from structattn import functional as SF
 from structattn.calibrate import default_candidates
 from structattn.methods import SiteShape, exact_flops, get_method
+from structattn.methods.exact.naive import dense_attention
 from structattn.methods.routing import RoutingParams, make_plan, plan_sizes, routing_flops
 from structattn.methods.routing import cpu as routing_cpu
 from structattn.methods.routing.naive import local_keep, naive_attention, naive_plan
 from structattn.methods.routing.plan import block_stats, normalise
 from structattn.methods.routing.torch import attend
 
-from methods_testlib import dense_attention, key_padding, make_qkv, rel_err
+from testlib import key_padding, make_qkv, rel_err
 
 METHOD = get_method("routing")
 NEG_INF = float("-inf")

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import structattn
-from support import rel_err
+from testlib import rel_err
 
 E, HEADS, L = 16, 2, 7
 

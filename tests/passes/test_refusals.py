@@ -5,8 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support import explain_doubled, rel_err
-from test_spellings import Fn, qkv
+from testlib import Fn, explain_doubled, qkv, rel_err
 
 
 def refused(fn, *args, reason):

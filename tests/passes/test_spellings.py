@@ -14,45 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from support import explain_doubled, rel_err
-
-B, H, N, D = 2, 3, 10, 8
-
-
-def qkv(n_q=N, n_k=N, heads=H, kv_heads=H, d=D, dv=D, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1234)
-    return (torch.randn(B, heads, n_q, d, generator=g, dtype=dtype),
-            torch.randn(B, kv_heads, n_k, d, generator=g, dtype=dtype),
-            torch.randn(B, kv_heads, n_k, dv, generator=g, dtype=dtype))
-
-
-def padding(n=N):
-    keep = torch.ones(B, n, dtype=torch.bool)
-    keep[1, n - 3:] = False
-    return keep
-
-
-class Fn(nn.Module):
-    """Wraps a function so each spelling is a module with an FQN."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
-def check(fn, *args, sites=1):
-    module = Fn(fn)
-    with torch.no_grad():
-        ref = module(*args)
-    report = explain_doubled(module, *args)
-    assert sum(s.rewritten for s in report.sites) == sites, str(report)
-    assert all(s.method == "doubled" for s in report.sites if s.rewritten), str(report)
-    assert rel_err(report.output, 2 * ref) < 1e-5
-    return report
-
+from testlib import B, D, H, N, Fn, check_doubled as check, explain_doubled, padding, qkv, rel_err
 
 SPELLINGS = {
     "matmul_transpose_mul": lambda q, k, v: torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * D**-0.5, dim=-1), v),
@@ -280,3 +242,18 @@ def test_in_place_after_another_read_is_not_misread():
     report = explain_doubled(module, *args)
     assert sum(s.rewritten for s in report.sites) == 0
     assert rel_err(report.output, ref) < 1e-6
+
+
+def test_one_d_key_bias_at_rank_two():
+    # a [Nk] bias broadcasts against [Nq, Nk] scores; the op gets it as [1, 1, 1, Nk] (SDPA
+    # rejects masks under 2-D)
+    q, k, v = (t[0, 0] for t in qkv())
+    check(lambda q, k, v, b: torch.softmax(q @ k.T * 0.3 + b, -1) @ v, q, k, v, torch.randn(N))
+
+
+@pytest.mark.filterwarnings("ignore:The use of `x.T`")   # deprecated for rank != 2, still valid code
+def test_dot_T_reverses_every_dim():
+    # at rank 3, k.T is k.permute(2, 1, 0), not a transpose of the last two dims
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(4, 5, 4, generator=g), torch.randn(4, 4, 4, generator=g), torch.randn(4, 4, 3, generator=g)
+    check(lambda q, k, v: torch.softmax(q @ k.T, -1) @ v, q, k, v)

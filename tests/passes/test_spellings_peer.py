@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_spellings import B, D, H, N, check, padding, qkv
+from testlib import B, D, H, N, check_doubled as check, padding, qkv
 
 FMIN = torch.finfo(torch.float32).min
 
@@ -146,3 +146,37 @@ def test_mask_before_a_buffer_scale():
 
     bias = torch.randn(1, H, N, N)
     check(lambda q, k, v, b, s: torch.softmax((q @ k.transpose(-2, -1) + b) * s, -1) @ v, *qkv(), bias, scale)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_older_bloom_key_permuted_then_reshaped(scaled):
+    # transformers 4.2x BLOOM: k.permute(0, 2, 3, 1).reshape(B*H, D, N), from [B, N, H, D]
+    def fn(q, k, v):
+        kt = k.permute(0, 2, 3, 1)
+        kt = kt * 0.5 if scaled else kt
+        s = torch.bmm(q.reshape(B * H, N, D), kt.reshape(B * H, D, N)) * 0.3
+        return torch.bmm(torch.softmax(s, -1), v.reshape(B * H, N, D))
+
+    q, k, v = qkv()
+    check(fn, q, k.transpose(1, 2).contiguous(), v)
+
+
+def test_mask_added_in_split_view_softmax_in_merged_view():
+    # bmm on [B*H, N, D] -> view [B, H, N, N] -> + mask -> view back -> softmax -> bmm
+    def fn(q, k, v, keep):
+        s = torch.bmm(q.reshape(B * H, N, D), k.reshape(B * H, N, D).transpose(1, 2)).view(B, H, N, N)
+        s = (s + torch.where(keep, 0.0, FMIN)[:, None, None, :]).view(B * H, N, N)
+        return torch.bmm(torch.softmax(s, -1), v.reshape(B * H, N, D))
+
+    assert check(fn, *qkv(), padding()).sites[0].mask == "key_padding"
+
+
+def test_causal_index_comparison_with_one_query():
+    # arange(1)[:, None] is [1, 1]: on either axis alike; the comparison still spans [Q, K]
+    q, k, v = qkv(n_q=1, n_k=1)
+
+    def fn(q, k, v):
+        i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None, :]
+        return torch.softmax((q @ k.transpose(-2, -1)).masked_fill(j > i, float("-inf")), -1) @ v
+
+    assert check(fn, q, k, v).sites[0].mask == "causal"

@@ -19,8 +19,7 @@ from typing import Optional
 
 import torch
 
-#: an additive mask value at or below this masks its entry (for finding dead rows only)
-MASKED_AT = -1e4
+from ..methods.common import FILL_MASKED_AT, as_4d
 #: most score entries materialised at once while recomputing dead rows
 _CHUNK_ELEMS = 1 << 22
 
@@ -40,16 +39,12 @@ def parse_program(program: str) -> list[tuple[str, str, float]]:
     return steps
 
 
-def _as4d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
-
-
 def _masked(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Bool [.., Q|1, K] (4-D, broadcast dims kept at 1): True where the op's mask masks the entry."""
     if attn_mask is None:
         return None
-    m = _as4d(attn_mask)
-    return ~m if m.dtype == torch.bool else m <= MASKED_AT
+    m = as_4d(attn_mask)
+    return ~m if m.dtype == torch.bool else m <= FILL_MASKED_AT
 
 
 def dead_row_mask(q_len: int, k_len: int, attn_mask: Optional[torch.Tensor], is_causal: bool,
@@ -91,7 +86,7 @@ def apply_dead_rows(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     group = H // k.shape[1]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     masked = _masked(attn_mask)
-    bias = None if attn_mask is None or attn_mask.dtype == torch.bool else _as4d(attn_mask)
+    bias = None if attn_mask is None or attn_mask.dtype == torch.bool else as_4d(attn_mask)
     rows = []
     per = max(1, _CHUNK_ELEMS // max(1, K))
     keys = torch.arange(K, device=q.device)

@@ -3,24 +3,26 @@
 ``structattn::<name>_attention(q, k, v, attn_mask, scale, is_causal, min_seq_len, impl, *params)``
 is an opaque op to dynamo and inductor (inductor calls it as an extern kernel), with a fake impl for
 symbolic shapes and an autograd formula that calls ``structattn::<name>_attention_backward``. The
-op body dispatches at run time: sequences shorter than ``min_seq_len`` go exact; CUDA tensors go to
-the method's Triton kernel when one exists (``impl="auto"``); everything else runs the method's
-plain-torch ``forward``.
+op body dispatches at run time (``run_method``): sequences shorter than ``min_seq_len`` go exact;
+CUDA tensors go to the method's Triton module (``Method.kernel_module``) when it has one and its
+run-time ``supports`` accepts the inputs (``impl="auto"``); everything else runs the method's
+plain-torch ``forward``. The op contract is in docs/architecture.md.
 
 We use ``Library.define`` + a CompositeExplicitAutograd impl rather than ``triton_op``: the body
-branches on device and on ``min_seq_len`` at run time, which a traced ``triton_op`` cannot do on CPU
-(DESIGN.md section 5), and the kernels are launched from the impl like any extern kernel.
+branches on device and on ``min_seq_len`` at run time, which a traced ``triton_op`` cannot do on
+the CPU, and the kernels are launched from the impl like any extern kernel.
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from ..methods import REGISTRY, Method, get_method
 from ..methods.base import empty_result
+from ..methods.common import interpreting
 from .dead_rows import apply_dead_rows, parse_program
 
 NAMESPACE = "structattn"
@@ -99,15 +101,38 @@ def run_method(method: Method, q, k, v, attn_mask, scale: float, is_causal: bool
 def _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    if impl == "torch" or method.name == "exact":
+    if impl == "torch" or method.name == "exact":   # exact: SDPA has its own kernels everywhere
         return None
-    from .. import kernels
+    if impl == "auto" and not q.is_cuda:
+        return None
+    return get_kernel(method, q, k, v, attn_mask, is_causal, params, strict=impl == "triton")
 
-    if impl == "auto":
-        if not q.is_cuda:
-            return None
-        return kernels.get_kernel(method.name, q, k, v, attn_mask, is_causal, params, strict=False)
-    return kernels.get_kernel(method.name, q, k, v, attn_mask, is_causal, params, strict=True)
+
+def get_kernel(method: Method | str, q, k, v, attn_mask, is_causal: bool, params: Any, *,
+               strict: bool) -> Optional[Callable]:
+    """The ``forward`` of ``method``'s Triton module for these inputs: None (``strict=False``) or a
+    ValueError saying why (``strict=True``, ``impl="triton"``) when the method has no Triton module,
+    triton does not import, the tensors are on the CPU without TRITON_INTERPRET=1, or the module's
+    run-time ``supports(q, k, v, attn_mask, is_causal, params)`` refuses the inputs."""
+    method = get_method(method) if isinstance(method, str) else method
+
+    def fail(reason: str):
+        if strict:
+            raise ValueError(f"impl='triton' for method {method.name!r}: {reason}")
+        return None
+
+    if method.kernel_module is None:
+        return fail("no Triton kernel exists for this method")
+    if not q.is_cuda and not interpreting():
+        return fail("tensors are on the CPU; set TRITON_INTERPRET=1 to run the kernels there, or use impl='torch'")
+    try:
+        module = importlib.import_module(method.kernel_module)
+    except ImportError as exc:  # triton missing or too old
+        return fail(f"triton could not be imported ({exc})")
+    reason = module.supports(q, k, v, attn_mask, is_causal, params)
+    if reason is not None:
+        return fail(reason)
+    return module.forward
 
 
 def _define(method: Method) -> Any:

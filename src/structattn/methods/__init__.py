@@ -1,7 +1,8 @@
-"""The method registry: one entry per attention method. Adding a method is one file plus one line."""
+"""The method registry. Adding a method is one folder ``methods/<name>/`` plus one import and one
+``register`` line below (docs/architecture.md, "Adding a method")."""
 from __future__ import annotations
 
-from .base import Method, SiteShape, MASK_KINDS, exact_flops
+from .base import MASK_KINDS, Method, SiteShape, exact_flops
 from .exact import ExactMethod
 from .monarch import MonarchMethod
 from .mra import MraMethod

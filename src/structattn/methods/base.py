@@ -1,16 +1,24 @@
-"""The contract every attention method fulfils.
+"""The contract every attention method fulfils (docs/architecture.md, "Adding a method").
 
-A method is one object in the registry (``methods/__init__.py``) with:
+A method is one folder ``methods/<name>/`` whose ``__init__.py`` holds its ``Params`` and a
+``Method`` subclass, registered by one line in ``methods/__init__.py``. The subclass gives:
 
 * ``Params``: a frozen dataclass of its tunable parameters (ints, floats, bools, strings or
   ``Optional[int]``); these become arguments of its ``torch.library`` op, so they are part of the
   graph and of inductor's cache key;
-* ``forward``: the plain-torch computation (the CPU path, the oracle for kernels, and the function
-  the generic backward differentiates);
-* ``supports(site, params)``: ``None`` when the method can serve the site, else the reason it stays
-  exact (shown in the report);
+* ``forward``: the plain-torch computation (the CPU path and the function the generic backward
+  differentiates), usually in ``<name>/torch.py``;
+* ``supports(site, params)``: the TRACE-TIME check on a ``SiteShape`` (from the pass, or from
+  ``functional`` before a call): ``None`` when the method can serve the site, else the reason it
+  stays exact (shown in the report). The RUN-TIME check of a kernel on concrete tensors is
+  ``<name>/triton.py``'s own ``supports(q, k, v, attn_mask, is_causal, params)``, reached only
+  through the kernel dispatch (``lowering/ops.py``);
 * ``flops(site, params)``: the estimated attention FLOPs of one call, an int or a sympy expression
-  in symbolic sequence lengths.
+  in symbolic sequence lengths;
+* ``candidates(shape)``: the parameter grid ``calibrate`` tries on a site ([] = not calibrated);
+* ``kernel_module``: the dotted name of its Triton module (``<name>/triton.py``), or None.
+
+Its ``<name>/naive.py`` is the short float64 reference the tests check every path against.
 """
 from __future__ import annotations
 
@@ -19,10 +27,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
-import sympy
 import torch
 
-Dim = Union[int, sympy.Expr]
+from .common import Dim
+
 MaskKind = Literal["none", "key_padding", "causal", "causal+key_padding", "general"]
 MASK_KINDS = ("none", "key_padding", "causal", "causal+key_padding", "general")
 
@@ -65,6 +73,10 @@ class Method:
     #: what the method saves over exact attention: "flops" (the backend keeps a site exact where
     #: the FLOP model says it would not save any) or "memory" (no FLOP rule: top-k)
     saves: ClassVar[str] = "flops"
+    #: dotted name of the module holding this method's Triton kernels, which exposes
+    #: ``supports(q, k, v, attn_mask, is_causal, params)`` and ``forward(q, k, v, attn_mask, scale,
+    #: is_causal, params)``; imported lazily by the kernel dispatch. None: no kernel.
+    kernel_module: ClassVar[Optional[str]] = None
 
     # -- parameters -------------------------------------------------------------------------
     def param_fields(self) -> list[dataclasses.Field]:
@@ -102,7 +114,7 @@ class Method:
 
     # -- behaviour ---------------------------------------------------------------------------
     def supports(self, site: SiteShape, params: Any) -> Optional[str]:
-        """``None`` if this method can serve ``site``, else a one-line reason."""
+        """Trace-time check: ``None`` if this method can serve ``site``, else a one-line reason."""
         return None
 
     def forward(
@@ -121,6 +133,11 @@ class Method:
     def flops(self, site: SiteShape, params: Any) -> Dim:
         """Estimated FLOPs (2 x multiply-adds) of one call over all batches and heads."""
         return exact_flops(site)
+
+    def candidates(self, shape: SiteShape) -> list[dict]:
+        """Parameter dicts ``calibrate`` tries on a site of this shape (before ``supports`` and
+        the FLOP rule); [] means the method is not calibrated (and not among its defaults)."""
+        return []
 
 
 def exact_flops(site: SiteShape) -> Dim:

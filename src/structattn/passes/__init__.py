@@ -65,11 +65,8 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     resolved = config.resolve(m.layer)
     shape = _site_shape(m)
     site = Site(
-        layer=m.layer, form=m.form, method="exact", params={}, rewritten=False, reason=m.reason,
-        q_len=shape.q_len if shape else None, kv_len=shape.kv_len if shape else None,
-        head_dim=shape.head_dim if shape else None, num_heads=shape.num_heads if shape else None,
-        num_kv_heads=shape.num_kv_heads if shape else None, v_head_dim=shape.v_head_dim if shape else None,
-        batch=shape.batch if shape else None, requested=resolved.method, scale=m.scale if m.reason is None else None,
+        layer=m.layer, form=m.form, method="exact", params={}, rewritten=False, reason=m.reason, shape=shape,
+        requested=resolved.method, scale=m.scale if m.reason is None else None,
         node=m.anchor.name, graph=graph_index, size_hints=_size_hints(m),
     )
     if shape is not None and shape.head_dim is not None:
@@ -78,11 +75,15 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.reason = f"not rewritten: {m.reason}"
         return site
 
-    plan = plan_mask(m.masks, m.is_causal)
+    plan = plan_mask(m.masks, m.is_causal, tuple(m.scores_shape[-2:]) if m.scores_shape else None)
+    if plan.reason is not None:
+        m.refuse(plan.reason)
+        site.reason, site.scale = f"not rewritten: {plan.reason}", None
+        return site
     kind = plan.kind
     if resolved.causal and kind == "general":
         kind = "causal"
-    shape = _with_mask(shape, kind)
+    shape = site.shape = _with_mask(shape, kind)
     site.mask = kind + (" (declared)" if resolved.causal and plan.kind == "general" else "")
 
     method, params = get_method(resolved.method), resolved.params
@@ -107,6 +108,12 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
     rewrite_site(gm.graph, m, plan, method, params, min_seq_len, config.impl, resolved.causal,
                  route_key=site.route_key)
     erase_dead([m.output])
+    if m.form == "sdpa" and m.anchor is not m.output:
+        # a fused SDPA kernel: its unused logsumexp items, then the kernel (dropout_p is 0, so
+        # its "nondeterministic" tag does not keep it alive)
+        erase_dead([u for u in m.anchor.users if not u.users])
+        if not m.anchor.users and not getattr(m.anchor, "_erased", False):
+            gm.graph.erase_node(m.anchor)
     site.rewritten = True
     site.method = method.name
     site.params = {f.name: getattr(params, f.name) for f in method.param_fields()}

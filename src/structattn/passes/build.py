@@ -1,6 +1,7 @@
 """Inserting FX nodes that carry the site's module metadata and fake example values."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -35,12 +36,18 @@ def _fake_value(node: Node) -> Any:
         lambda a: a.meta.get("example_value", a.meta.get("val")) if isinstance(a, Node) else a, (node.args, node.kwargs)
     )
     flat, _ = tree_flatten((args, kwargs))
-    modes = [getattr(t, "fake_mode", None) for t in flat if isinstance(t, torch.Tensor)]
-    mode = next((m for m in modes if m is not None), None)
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    modes = {id(m): m for m in (getattr(t, "fake_mode", None) for t in tensors)}
+    mode = next(iter(modes.values())) if len(modes) == 1 else None
     if mode is None:
-        return None
+        # real example values, or fakes of several modes (make_fx gives its inputs and outputs
+        # different ones): compute on the meta device instead, when the shapes are static
+        if not tensors or not all(isinstance(x, int) for t in tensors for x in (*t.shape, *t.stride())):
+            return None
+        args, kwargs = tree_map(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                                if isinstance(t, torch.Tensor) else t, (args, kwargs))
     try:
-        with mode:
+        with mode if mode is not None else contextlib.nullcontext():
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             return node.target(*args, **kwargs)

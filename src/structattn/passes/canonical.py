@@ -3,10 +3,14 @@
 ``s.masked_fill_(m, -inf); softmax(s)`` leaves ``softmax`` reading ``s`` with the mutation hidden in
 a user-less node. When ``s`` is a fresh (non-view) result and the in-place call is its first user,
 the call is turned into its out-of-place twin and ``s``'s later users read it, which is what the
-program computes. Anything else is left alone (and then refused by the matcher, never misread).
+program computes. Aten-level graphs (``make_fx``, ``torch.export``) keep in-place overloads
+(``aten.mul_.Tensor``) whose result the later users already read: when that call is the only user
+of a fresh tensor, it becomes its out-of-place overload (``aten.mul.Tensor``). Anything else is
+left alone (and then refused by the matcher, never misread).
 """
 from __future__ import annotations
 
+import torch
 from torch.fx import Graph, Node
 
 from .table import canonical
@@ -21,6 +25,14 @@ def functionalize_inplace(graph: Graph) -> int:
     order = {n: i for i, n in enumerate(graph.nodes)}
     count = 0
     for node in list(graph.nodes):
+        twin = _aten_out_of_place(node)
+        if twin is not None:
+            src = node.args[0]
+            produced = canonical(src)
+            if isinstance(src, Node) and produced is not None and produced.name in _FRESH and list(src.users) == [node]:
+                node.target = twin
+                count += 1
+            continue
         if node.op != "call_method" or node.target not in _INPLACE_METHODS or node.users:
             continue
         src = node.args[0] if node.args else None
@@ -35,6 +47,18 @@ def functionalize_inplace(graph: Graph) -> int:
             user.replace_input_with(src, node)
         count += 1
     return count
+
+
+def _aten_out_of_place(node: Node):
+    """``aten.mul.Tensor`` for an ``aten.mul_.Tensor`` call (of the ops in _INPLACE_METHODS), else None."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    name = target.overloadpacket.__name__
+    if name not in _INPLACE_METHODS:
+        return None
+    packet = getattr(torch.ops.aten, _INPLACE_METHODS[name], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
 def erase_dead(nodes) -> None:

@@ -177,16 +177,6 @@ def module_path(node: Node, names: Optional[Mapping[str, str]] = None) -> str:
     return normalize(_source(entry))
 
 
-def module_class(node: Node) -> Optional[str]:
-    """Class name of the innermost module of ``node``, if known."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    entry = list(stack.values())[-1]
-    cls = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None
-    return getattr(cls, "__name__", None) if cls is not None and not isinstance(cls, str) else cls
-
-
 def all_module_paths(graph, names: Optional[Mapping[str, str]] = None) -> set[str]:
     """Every module FQN that appears in ``graph``'s nodes (for the 'glob matches nothing' warning)."""
     names = _ACTIVE.get() if names is None else names

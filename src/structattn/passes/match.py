@@ -14,6 +14,7 @@ site space by the rewrite (``split_heads``).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,14 +23,15 @@ from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fqn import module_path
-from .masks import NEG_THRESHOLD, MaskTerm
+from .masks import NEG_THRESHOLD, SCALED_MASK_LIMIT, MaskTerm, is_mask_fill
 from .table import Call, canonical, constant_number, example, reads_only_metadata
 
 
 @dataclass
 class Operand:
     """A q/k/v input to the op: ``node`` plus the views to apply first (in this order: ``permute``,
-    ``swap_last`` (transpose of the last two dims), ``split_heads`` (``unflatten(0, (-1, h))``).
+    ``swap_last`` (transpose of the last two dims), ``split_heads`` (``unflatten(0, (-1, h))``) or
+    ``merge_heads`` (``flatten(0, 1)``: a [B, H, ..] operand of a [B*H, ..] site).
     ``gqa_source`` is the un-repeated ``[B, Hk, N, D]`` tensor when a repeat_kv was undone;
     ``grouped`` means ``node`` itself is already un-repeated (the repeat sat before the transpose),
     with ``fallback`` the repeated operand to use if the other of k/v cannot be un-repeated."""
@@ -39,6 +41,7 @@ class Operand:
     permute: Optional[tuple] = None
     gqa_source: Optional[Node] = None
     split_heads: Optional[int] = None
+    merge_heads: bool = False
     grouped: bool = False
     fallback: Optional["Operand"] = None
 
@@ -75,6 +78,8 @@ class Match:
         shape = _operand_shape(op, val)
         if op.split_heads is not None:
             shape = (shape[0] // op.split_heads, op.split_heads) + tuple(shape[1:])
+        if op.merge_heads:
+            shape = (shape[0] * shape[1],) + tuple(shape[2:])
         return shape
 
     def refuse(self, reason: str) -> "Match":
@@ -194,6 +199,11 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
     """Walk from the softmax input back to QK^T, collecting scales and mask terms."""
     post_scale = 1.0   # product of the constant scale factors applied after the current point
     factors: tuple = ()  # graph-computed factors applied after the current point
+    # the largest product of a run of the constant factors after the current point, in eager's
+    # order: a fill times it overflowing the scores' dtype is -inf in eager (finfo.min, then * 2)
+    post_peak = 1.0
+    big = torch.finfo(m.scores_dtype).max if m.scores_dtype is not None and m.scores_dtype.is_floating_point \
+        else torch.finfo(torch.float32).max
     lead = m.scores_shape[:-2]
     while True:
         if not isinstance(x, Node):
@@ -206,9 +216,9 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
             return f"the scores pass through `{_describe(x)}`, which is not a scale, mask or cast"
         name = call.name
 
-        def term(node: Any, kind: str, coef: float = 1.0, fill: float = float("-inf")) -> None:
+        def term(node: Any, kind: str, coef: float = 1.0, fill: float = float("-inf"), first: float = 1.0) -> None:
             view = tuple(lead) if tuple(lead) != tuple(m.scores_shape[:-2]) else None
-            m.masks.append(MaskTerm(node, kind, coef, fill, factors, view))
+            m.masks.append(MaskTerm(node, kind, coef, fill, factors, view, max(1.0, abs(first) * post_peak), big))
 
         if name in ("matmul", "einsum"):
             m.scale = post_scale
@@ -222,7 +232,7 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
             if not alpha > 0:
                 return f"the scores are scaled by alpha={alpha}, not a positive number"
             if isinstance(call.get("bias"), Node) and beta != 0:
-                term(call.get("bias"), "additive", post_scale * beta)
+                term(call.get("bias"), "additive", post_scale * beta, first=beta)
             m.scale = post_scale * alpha
             m.scale_nodes = factors
             return _scores_operands(m, Call("matmul", {"a": call.get("a"), "b": call.get("b")}, x))
@@ -244,6 +254,7 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
                 if not number > 0:
                     return f"the scores are scaled by {number}, not a positive number"
                 post_scale *= number
+                post_peak = max(1.0, number * post_peak)
             elif _is_scale_tensor(factor, lead):
                 val = example(factor)
                 if val is not None and val.numel() != 1 and tuple(lead) != tuple(m.scores_shape[:-2]):
@@ -267,31 +278,37 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
                 if not alpha > 0:
                     return f"the scores are scaled by alpha={alpha}, not a positive number"
                 mask_coef, post_scale = post_scale, post_scale * alpha
+                mask_first, post_peak = 1.0, max(1.0, alpha * post_peak)
             else:
                 mask_coef = post_scale * alpha * (-1.0 if name == "sub" else 1.0)
+                mask_first = alpha
             if isinstance(mask, Node) and constant_number(mask) is None:
-                term(mask, "additive", mask_coef)
+                term(mask, "additive", mask_coef, first=mask_first)
             x = chain  # (adding a constant does not change softmax)
             continue
+        # a fill masks when it is very negative and stays so once the constant scales after it
+        # apply (masked_fill(m, -1e4) followed by * 1e-3 leaves -10: a number, not a mask)
         if name == "masked_fill":
             value = constant_number(call.get("value"))
-            if value is None or value > NEG_THRESHOLD:
-                return f"masked_fill on the scores with {_describe(call.get('value'))} is not a mask (needs -inf or a very negative number)"
-            term(call.get("mask"), "masked", fill=value)
+            if not is_mask_fill(value, post_scale):
+                return (f"masked_fill on the scores with {_describe(call.get('value'))} (then scaled by {post_scale:g}) "
+                        f"is not a mask (needs -inf, or a fill <= {NEG_THRESHOLD:g} that stays <= {SCALED_MASK_LIMIT:g} once scaled)")
+            term(call.get("mask"), "masked", coef=post_scale, fill=value)
             x = call.get("input")
             continue
         if name == "where":
             cond, a, b = call.get("condition"), call.get("input"), call.get("other")
             na, nb = constant_number(a), constant_number(b)
-            if nb is not None and nb <= NEG_THRESHOLD and isinstance(a, Node):
-                term(cond, "keep", fill=nb)
+            if is_mask_fill(nb, post_scale) and isinstance(a, Node):
+                term(cond, "keep", coef=post_scale, fill=nb)
                 x = a
                 continue
-            if na is not None and na <= NEG_THRESHOLD and isinstance(b, Node):
-                term(cond, "masked", fill=na)
+            if is_mask_fill(na, post_scale) and isinstance(b, Node):
+                term(cond, "masked", coef=post_scale, fill=na)
                 x = b
                 continue
-            return "torch.where on the scores does not fill with -inf or a very negative number"
+            return (f"torch.where on the scores is not a mask (needs a fill of -inf, or <= {NEG_THRESHOLD:g} that "
+                    f"stays <= {SCALED_MASK_LIMIT:g} once scaled by {post_scale:g})")
         return f"the scores pass through `{name}` ({_describe(x)}), which is not elementwise scale/mask"
 
 
@@ -347,10 +364,33 @@ def _scores_operands(m: Match, call: Call) -> Optional[str]:
     k = _untranspose(b)
     if k is None:
         k = _grouped_key(b)
+    if k is None and _key_transposed(b):
+        k = Operand(b, swap_last=True)
     if k is None:
         return "the key operand of QK^T is not a transpose of the last two dims of a tensor, so the token axis is unknown"
     m.q, m.k = Operand(a), k
     return None
+
+
+def _key_transposed(node: Any, depth: int = 8) -> bool:
+    """Is ``node`` a key transposed on its last two dims, possibly then scaled by a scalar and/or
+    reshaped to merge its leading dims ([B, H, D, N] -> [B*H, D, N]: older BLOOM's
+    ``k.permute(0, 2, 3, 1).reshape(B*H, D, N)``)? The transpose is the evidence that the last
+    axis holds the tokens; neither a scalar factor nor merging leading dims moves it."""
+    if depth == 0 or not isinstance(node, Node):
+        return False
+    if _untranspose(node) is not None or _grouped_key(node) is not None:
+        return True
+    call = canonical(node)
+    if call is not None and (call.name == "contiguous" or (call.name == "reshape" and _is_lead_view(call))):
+        return _key_transposed(call.get("input"), depth - 1)
+    if call is not None and call.name in ("mul", "div"):
+        pairs = [(call.get("input"), call.get("other"))]
+        if call.name == "mul":
+            pairs.append((call.get("other"), call.get("input")))
+        return any(isinstance(chain, Node) and (constant_number(factor) is not None or _is_scale_tensor(factor, ()))
+                   and _key_transposed(chain, depth - 1) for chain, factor in pairs)
+    return False
 
 
 def _peel_constant_scale(m: Match, node: Any) -> Any:
@@ -537,6 +577,14 @@ def _einsum_pv(m: Match, call: Call, p: Node) -> Optional[str]:
 # -- F.scaled_dot_product_attention ----------------------------------------------------------
 def _sdpa(call: Call) -> Match:
     m = Match("sdpa", call.node, output=call.node, layer=module_path(call.node))
+    if not isinstance(call.node.meta.get("val", call.node.meta.get("example_value")), torch.Tensor):
+        # a fused kernel returning (output, logsumexp, ..): the site's output is its item 0
+        outputs = [u for u in call.node.users if u.op == "call_function" and u.target is operator.getitem]
+        first = [u for u in outputs if u.args[1] == 0]
+        if len(first) != 1 or len(outputs) != len(call.node.users) or any(u.users for u in outputs if u.args[1] != 0):
+            return m.refuse("the fused SDPA kernel's other outputs (logsumexp, ..) are used (e.g. saved for the "
+                            "backward), so it cannot be replaced")
+        m.output = first[0]
     q, k, v = call.get("query"), call.get("key"), call.get("value")
     qv = example(q)
     if qv is not None and example(k) is not None:
@@ -586,6 +634,8 @@ def _check_shapes(m: Match) -> Match:
             return m.refuse(why)
         if op.split_heads is not None:
             shape = (shape[0] // op.split_heads if isinstance(shape[0], int) else shape[0], op.split_heads) + shape[1:]
+        if op.merge_heads:
+            shape = (shape[0] * shape[1],) + shape[2:]
         shapes[name] = shape
     q, k, v = (example(getattr(m, n).node) for n in ("q", "k", "v"))
     if not (q.dtype == k.dtype == v.dtype):
@@ -625,23 +675,38 @@ def _divides(small: Any, big: Any) -> bool:
 
 
 def _place_operand(op: Operand, shape: tuple, lead: tuple, name: str) -> Optional[str]:
-    """Check that operand ``shape`` lives in site space (or in its [B*H, ..] view: set split_heads)."""
+    """Check that operand ``shape`` lives in site space, or in its [B*H, ..] view (set split_heads),
+    or is the [B, H, ..] tensor of a [B*H, ..] site (set merge_heads: aten's decomposed matmul reads
+    ``bmm(q.reshape(B*H, ..), ..)`` of a 4-D q as a 4-D matmul, and the softmax may be in 3-D)."""
     olead = tuple(shape[:-2])
     if len(olead) == len(lead):
         return None
     if len(lead) == 2 and len(olead) == 1 and isinstance(lead[1], int) and _same(olead, (lead[0] * lead[1],)):
         op.split_heads = lead[1]
         return None
+    if len(lead) == 1 and len(olead) == 2 and _same((olead[0] * olead[1],), lead):
+        op.merge_heads = True
+        return None
     return f"{name} of shape {tuple(shape)} is not in the scores' [{', '.join(map(str, lead))}, ..] layout or its [B*H, ..] view"
 
 
-def _term_placeable(term: MaskTerm, split_lead: tuple, lead: tuple) -> bool:
+def _term_placeable(term: MaskTerm, term_lead: tuple, lead: tuple) -> bool:
+    """Can a mask term added in the ``term_lead`` view of the scores move to the site's ``lead``?
+    Either the site is [B, H, ..] and the term was added in its [B*H, ..] view (the rewrite
+    unflattens it), or the site is [B*H, ..] and the term was added in a [B, H, ..] view (the
+    rewrite broadcasts it over B and H, then merges them)."""
     val = example(term.node)
-    if val is None or len(lead) != 2 or len(split_lead) != 1 or not isinstance(lead[1], int):
+    if val is None:
         return False
-    if val.dim() < 3 or statically_known_true(val.shape[-3] == 1):
-        return True
-    return _same((val.shape[-3],), split_lead) and val.dim() == 3
+    if len(lead) == 2 and len(term_lead) == 1 and isinstance(lead[1], int):
+        if val.dim() < 3 or statically_known_true(val.shape[-3] == 1):
+            return True
+        return _same((val.shape[-3],), term_lead) and val.dim() == 3
+    if len(lead) == 1 and len(term_lead) == 2 and all(isinstance(x, int) for x in term_lead) \
+            and _same((term_lead[0] * term_lead[1],), lead) and val.dim() <= 4:
+        head = tuple(val.shape[:-2])
+        return all(statically_known_true(x == 1) or _same((x,), (y,)) for x, y in zip(reversed(head), reversed(term_lead)))
+    return False
 
 
 def _differ(a: Any, b: Any) -> bool:
@@ -667,7 +732,7 @@ def _operand_shape(op: Operand, val: torch.Tensor) -> tuple:
 
 def _find_gqa(m: Match) -> None:
     """Undo ``repeat_kv`` (expand + reshape, or repeat_interleave) on k and v, if both have it."""
-    if len(m.scores_shape) != 4 or m.q.split_heads is not None:
+    if len(m.scores_shape) != 4 or m.q.split_heads is not None or m.q.merge_heads:
         return
     found = []
     for op in (m.k, m.v):
@@ -704,6 +769,8 @@ def _repeat_source(node: Node) -> Optional[tuple]:
     if call.name != "reshape":
         return None
     exp = canonical(call.get("input"))
+    if exp is not None and exp.name == "contiguous":   # aten: view(clone(expand(..)))
+        exp = canonical(exp.get("input"))
     if exp is None or exp.name != "expand":
         return None
     ev = example(exp.node)

@@ -63,20 +63,40 @@ def _operand(b: NodeBuilder, op: Operand, rank: int) -> Node:
         node = b.call("permute", node, *op.permute, method=True)
     if op.swap_last:
         node = b.call(torch.transpose, node, -2, -1)
+    if op.merge_heads:
+        node = b.call(torch.flatten, node, 0, 1)
     return _to_site(b, node, rank, op.split_heads)
 
 
 def _place_term(b: NodeBuilder, m: Match, t: MaskTerm, node: Node, rank: int) -> Node:
     """A mask term's tensor, broadcastable against the site's 4-D scores."""
     val = example(node)
-    if t.lead is not None and val is not None:
+    if t.lead is None or val is None:
+        return node
+    if len(t.lead) == 1:
+        # added in the [B*H, ..] view of a [B, H, ..] site
         if val.dim() >= 3 and val.shape[-3] != 1:
             return b.call("unflatten", node, -3, (-1, m.scores_shape[1]), method=True)
         return node  # broadcast over the merged batch*heads axis: broadcasts the same in site space
-    return node
+    # added in a [B, H, ..] view of a [B*H, ..] site: broadcast over B and H, then merge them
+    if val.dim() <= 2:
+        return node
+    node = b.call("expand", node, *t.lead, -1, -1, method=True)
+    return b.call(torch.flatten, node, 0, 1)
 
 
 def _mask(b: NodeBuilder, m: Match, plan: MaskPlan, rank: int) -> Optional[Node]:
+    """The op's ``attn_mask``: the plan's terms combined into one bool keep mask or one additive
+    float mask, always 4-D like the op's q/k/v (a term of the scores' rank, or a ``[K]`` key
+    vector, broadcasts against them only from the right; SDPA rejects masks under 2-D)."""
+    mask = _combined_mask(b, m, plan, rank)
+    val = example(mask)
+    for _ in range(4 - (val.dim() if val is not None else 4)):
+        mask = b.call(torch.unsqueeze, mask, 0)
+    return mask
+
+
+def _combined_mask(b: NodeBuilder, m: Match, plan: MaskPlan, rank: int) -> Optional[Node]:
     terms = plan.general if plan.kind == "general" else plan.keypad
     if not terms:
         return None

@@ -34,11 +34,16 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "div": ("input", "other"),
     "add": ("input", "other", "alpha"),
     "sub": ("input", "other", "alpha"),
+    "rsub": ("input", "other", "alpha"),   # other - alpha * input (aten.rsub, Tensor.__rsub__)
     "masked_fill": ("input", "mask", "value"),
     "where": ("condition", "input", "other"),
     "transpose": ("input", "dim0", "dim1"),
     "permute": ("input", "dims"),
     "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+    # the fused kernels SDPA dispatches to (make_fx / AOT graphs): they return (output, logsumexp, ..)
+    "sdpa_cpu": ("query", "key", "value", "dropout_p", "is_causal"),            # attn_mask, scale: kwargs
+    "sdpa_efficient": ("query", "key", "value", "attn_mask", "compute_log_sumexp", "dropout_p", "is_causal"),
+    "sdpa_flash": ("query", "key", "value", "dropout_p", "is_causal", "return_debug_mask"),
     "expand": ("input", "sizes"),
     "expand_as": ("input", "other"),
     "reshape": ("input", "shape"),
@@ -100,7 +105,7 @@ _METHODS: dict[str, str] = {
     "matmul": "matmul", "bmm": "matmul", "__matmul__": "matmul", "baddbmm": "baddbmm",
     "softmax": "softmax",
     "mul": "mul", "__mul__": "mul", "__rmul__": "mul", "div": "div", "__truediv__": "div",
-    "add": "add", "__add__": "add", "__radd__": "add", "sub": "sub", "__sub__": "sub",
+    "add": "add", "__add__": "add", "__radd__": "add", "sub": "sub", "__sub__": "sub", "__rsub__": "rsub",
     "masked_fill": "masked_fill",
     "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
     "permute": "permute", "expand": "expand", "expand_as": "expand_as", "reshape": "reshape", "view": "reshape",
@@ -118,10 +123,10 @@ _METHODS: dict[str, str] = {
 
 # aten overload packets (every overload of the packet spells the same canonical op)
 _ATEN: dict[Any, str] = {
-    aten.matmul: "matmul", aten.bmm: "matmul", aten.baddbmm: "baddbmm",
+    aten.matmul: "matmul", aten.bmm: "matmul", aten.mm: "matmul", aten.baddbmm: "baddbmm",
     aten.softmax: "softmax", aten._softmax: "softmax_aten", aten._safe_softmax: "safe_softmax",
     aten.dropout: "dropout_t",
-    aten.mul: "mul", aten.div: "div", aten.add: "add", aten.sub: "sub",
+    aten.mul: "mul", aten.div: "div", aten.add: "add", aten.sub: "sub", aten.rsub: "rsub",
     aten.masked_fill: "masked_fill", aten.where: "where",
     aten.transpose: "transpose", aten.permute: "permute", aten.expand: "expand", aten.expand_as: "expand_as",
     aten.view: "reshape", aten.reshape: "reshape", aten._unsafe_view: "reshape",
@@ -129,6 +134,9 @@ _ATEN: dict[Any, str] = {
     aten._to_copy: "cast", aten.to: "cast", aten.type_as: "cast",
     aten.clone: "contiguous", aten.contiguous: "contiguous", aten.alias: "contiguous",
     aten.scaled_dot_product_attention: "sdpa",
+    aten._scaled_dot_product_flash_attention_for_cpu: "sdpa_cpu",
+    aten._scaled_dot_product_efficient_attention: "sdpa_efficient",
+    aten._scaled_dot_product_flash_attention: "sdpa_flash",
     aten.logical_and: "and", aten.bitwise_and: "and", aten.__and__: "and",
     aten.le: "compare_le", aten.lt: "compare_lt", aten.ge: "compare_ge", aten.gt: "compare_gt",
     aten.eq: "compare_eq", aten.any: "any", aten.all: "all",
@@ -148,10 +156,12 @@ _VARARGS = {"permute": "dims", "expand": "sizes", "reshape": "shape", "new_ones"
 _KWARGS = {
     "matmul": {"input": "a", "self": "a", "other": "b", "mat2": "b"},
     "baddbmm": {"input": "bias", "self": "bias", "batch1": "a", "batch2": "b"},
+    "sdpa_efficient": {"attn_bias": "attn_mask"},
 }
 
 # canonical names that are the same op under two signatures
-_ALIASES = {"softmax_f": "softmax", "softmax_aten": "softmax", "dropout_t": "dropout"}
+_ALIASES = {"softmax_f": "softmax", "softmax_aten": "softmax", "dropout_t": "dropout",
+            "sdpa_cpu": "sdpa", "sdpa_efficient": "sdpa", "sdpa_flash": "sdpa"}
 
 @dataclass(frozen=True)
 class Call:
@@ -183,8 +193,16 @@ def canonical(node: Any) -> Optional[Call]:
     if not isinstance(node, Node):
         return None
     if node.op == "call_function":
-        if node.target is builtins.getattr and len(node.args) == 2 and node.args[1] in ("mT", "T"):
+        if (node.target is builtins.getattr and len(node.args) == 2 and node.args[1] == "mT") \
+                or node.target is aten.mT.default:
             return Call("transpose", {"input": node.args[0], "dim0": -2, "dim1": -1}, node)
+        if (node.target is builtins.getattr and len(node.args) == 2 and node.args[1] == "T") \
+                or node.target is aten.numpy_T.default:
+            # x.T reverses ALL dims (the last two only at rank 2)
+            val = example(node.args[0])
+            if val is None:
+                return None
+            return Call("permute", {"input": node.args[0], "dims": tuple(reversed(range(val.dim())))}, node)
         if node.target is builtins.getattr and len(node.args) == 2 and node.args[1] in ("shape", "dtype", "device"):
             return Call("meta", {"input": node.args[0]}, node)
         if node.target in (torch.einsum, getattr(torch.functional, "einsum", None)) or node.target is aten.einsum.default:
@@ -229,12 +247,15 @@ def _einsum(node: Node) -> Optional[Call]:
 
 # -- aten's decomposition of a batched matmul ------------------------------------------------
 def _merged_source(node: Any) -> Optional[Node]:
-    """``x`` when ``node`` is ``view(expand(x))`` (or ``view(x)``) merging x's leading dims into one
+    """``x`` when ``node`` is ``view(expand(x))`` (or ``view(x)``, a clone in between) merging x's leading dims into one
     batch dim with the last two dims unchanged and no real broadcast; else None."""
     call = _simple(node, "reshape")
     if call is None:
         return None
     src = call.get("input")
+    copy = _simple(src, "contiguous")   # view(clone(expand(x))) when x is not contiguous
+    if copy is not None:
+        src = copy.get("input")
     inner = _simple(src, "expand")
     if inner is not None:
         a, b = example(inner.get("input")), example(src)

@@ -45,7 +45,7 @@ from typing import ClassVar, Optional
 import sympy
 
 from ..base import Dim, Method, SiteShape
-from ..monarch import ceil_div, ceil_sqrt, sym_min
+from ..common import ceil_div, ceil_sqrt, sym_min
 from .plan import FIT_PER_CLUSTER, RoutingPlan, fit_stride, make_plan, plan_sizes
 from .torch import routing_forward
 

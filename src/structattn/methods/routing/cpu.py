@@ -22,9 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..monarch import ceil_div, compute_dtype
+from ..common import ceil_div, compute_dtype, softmax_and_lse
 from .plan import RoutingPlan, _rows, block_stats, flat_key_bias
-from ..softmax import softmax_and_lse
 from .torch import in_window, merge_two, routed_lookup
 
 __all__ = ["usable", "attend"]

@@ -3,6 +3,7 @@
 ``naive_attention`` is the definition of the attention for a given ``RoutingPlan``, written per
 query in float64: the keys a query attends exactly, the pooled blocks it adds, one softmax.
 ``naive_plan`` is the routing written as plain loops over (batch, kv head) with Python lists.
+``forward`` is the two together with the signature of ``Method.forward``.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from .plan import RoutingPlan, fit_stride, normalise, plan_sizes
+from .plan import DEFAULT_NORMALISATION, RoutingPlan, fit_stride, normalise, plan_sizes
 
-__all__ = ["local_keep", "naive_attention", "naive_plan"]
+__all__ = ["forward", "local_keep", "naive_attention", "naive_plan"]
 
 
 def local_keep(nq: int, nk: int, local_window: int, is_causal: bool, device=None) -> torch.Tensor:
@@ -157,3 +158,14 @@ def naive_plan(q, k, attn_mask: Optional[torch.Tensor], scale: float, is_causal:
                         route_idx[b, h, t, slot] = blk
                         route_ok[b, h, t, slot] = True
     return RoutingPlan(wq, wk, q_order, k_order, route_idx, route_ok)
+
+
+def forward(q, k, v, attn_mask, scale, is_causal, params) -> torch.Tensor:
+    """Routing attention in float64 with the signature of ``Method.forward``: ``naive_plan`` then
+    ``naive_attention``."""
+    if q.numel() == 0 or k.shape[2] == 0:
+        return torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float64)
+    plan = naive_plan(q, k, attn_mask, scale, is_causal, params.clusters, params.window, params.routes,
+                      params.iterations, params.sink_tokens, DEFAULT_NORMALISATION)
+    return naive_attention(q, k, v, attn_mask, scale, is_causal, plan, params.local_window, params.sink_tokens,
+                           params.pooled)

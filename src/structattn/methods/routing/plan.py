@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from ..monarch import ceil_div, ceil_sqrt, compute_dtype, key_padding_bias
+from ..common import ceil_div, ceil_sqrt, compute_dtype, key_padding_bias
 
 __all__ = ["RoutingPlan", "make_plan", "plan_sizes", "normalise", "NORMALISATIONS", "block_stats",
            "flat_key_bias"]

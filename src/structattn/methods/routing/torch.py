@@ -21,8 +21,7 @@ from typing import Optional
 import torch
 
 from ..base import empty_result
-from ..monarch import _check_heads, ceil_div, compute_dtype
-from ..softmax import softmax_and_lse
+from ..common import ceil_div, check_heads, compute_dtype, softmax_and_lse
 from .plan import RoutingPlan, _rows, block_stats, flat_key_bias, make_plan
 
 __all__ = ["routing_forward", "attend", "routed_part", "static_part", "merge_two", "check_causal_rows"]
@@ -49,7 +48,7 @@ def routing_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     empty = empty_result(q, k, v)
     if empty is not None:
         return empty
-    _check_heads(q, k)
+    check_heads(q, k)
     plan = make_plan(q, k, attn_mask, scale, is_causal, params.clusters, params.window, params.routes,
                      params.iterations, params.sink_tokens)
     from . import cpu

@@ -26,40 +26,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ...kernels._common import (configs, device_reason, dtype_reason, empty_output, head_dim_reason,
-                                key_bias_view, launch, next_pow2)
-from ..masks import is_key_padding
-from ..monarch import ceil_div
+from ..common import ceil_div, is_key_padding
+from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, input_reason, inverse_or_zero,
+                             key_bias_view, launch, log_sum, next_pow2, online_softmax, split_head)
 from .plan import block_stats, flat_key_bias, make_plan
-
-NEG_INF = tl.constexpr(float("-inf"))
 
 __all__ = ["supports", "forward"]
 
 
 @triton.jit
-def _online(x, v, m, lsum, acc, IEEE: tl.constexpr):
-    """One online-softmax step: logits x [BM, BN] (-inf: excluded), values v [BN, DVP]."""
-    m_new = tl.maximum(m, tl.max(x, 1))
-    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    p = tl.exp(x - m_safe[:, None])
-    lsum = lsum * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, lsum, acc
+def _accumulate(x, v, m, lsum, acc, DOT: tl.constexpr):
+    """One online-softmax step over logits x [BM, BN] (-inf: excluded) and values v [BN, DVP]."""
+    m, alpha, p, lsum = online_softmax(m, lsum, x)
+    return m, lsum, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
 
 
 @triton.jit
-def _scores(q, kt, scale, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
-    return tl.dot(q, tl.trans(kt)) * scale
+def _scores(q, kt, scale, DOT: tl.constexpr):
+    """Scaled logits of query rows q [BM, DP] against key rows kt [BN, DP]."""
+    return tl.dot(q, tl.trans(kt), input_precision=DOT) * scale
 
 
-@triton.autotune(configs=configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (2, 2)]]),
+@triton.autotune(configs=configs([(4, 2), (2, 2)]),
                  key=["WQ", "WK", "R", "MK", "D", "DV"])
 @triton.jit
 def _routed_kernel(
@@ -67,13 +55,12 @@ def _routed_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn,
     H, G, HK, NQ, NK, MQ, MK, WQ, WK, R, D, DV, QT, scale,
     DP: tl.constexpr, DVP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, POOLED: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, POOLED: tl.constexpr, DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bk = b * HK + h // G
+    b, h, hk = split_head(bh, H, G)
+    bk = b * HK + hk
     t = pid // QT
     slot = (pid % QT) * BM + tl.arange(0, BM)
     s_ok = slot < WQ
@@ -88,8 +75,8 @@ def _routed_kernel(
     m = tl.full([BM], float("-inf"), tl.float32)
     lsum = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DVP], tl.float32)
-    k_base = K + b * skb + (h // G) * skh
-    v_base = V + b * svb + (h // G) * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     route_base = bh * (MQ * R) + t * R
     for i in range(R):
         blk = tl.load(ROUTES + route_base + i)
@@ -101,7 +88,7 @@ def _routed_kernel(
                 k_ok = (sl < WK) & (kp < NK)
                 kt = tl.load(k_base + kp[:, None] * skn + rd[None, :] * skd, mask=k_ok[:, None] & d_ok[None, :],
                              other=0.0)
-                x = _scores(q, kt, scale, IEEE)
+                x = _scores(q, kt, scale, DOT)
                 if HAS_BIAS:
                     x = x + tl.load(BIAS + b * sbb + h * sbh + kp * sbn, mask=k_ok, other=0.0)[None, :]
                 keep = k_ok[None, :]
@@ -110,14 +97,14 @@ def _routed_kernel(
                 x = tl.where(keep, x, NEG_INF)
                 vt = tl.load(v_base + kp[:, None] * svn + rdv[None, :] * svd, mask=k_ok[:, None] & dv_ok[None, :],
                              other=0.0)
-                m, lsum, acc = _online(x, vt, m, lsum, acc, IEEE)
+                m, lsum, acc = _accumulate(x, vt, m, lsum, acc, DOT)
     if POOLED:
         for j0 in range(0, MK, BP):
             jb = j0 + tl.arange(0, BP)
             j_ok = jb < MK
             kb = tl.load(KBAR + bh * (MK * D) + jb[:, None] * D + rd[None, :], mask=j_ok[:, None] & d_ok[None, :],
                          other=0.0)
-            x = _scores(q, kb, scale, IEEE)
+            x = _scores(q, kb, scale, DOT)
             x = x + tl.load(BETA + bh * MK + jb, mask=j_ok, other=float("-inf"))[None, :]
             routed = jb < 0
             for i in range(R):
@@ -131,16 +118,15 @@ def _routed_kernel(
             x = tl.where(keep, x, NEG_INF)
             vb = tl.load(VBAR + bh * (MK * DV) + jb[:, None] * DV + rdv[None, :], mask=j_ok[:, None] & dv_ok[None, :],
                          other=0.0)
-            m, lsum, acc = _online(x, vb, m, lsum, acc, IEEE)
-    dead = lsum == 0.0
-    o = acc * tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, lsum))[:, None]
-    lse = tl.where(dead, float("-inf"), tl.where(m == NEG_INF, 0.0, m) + tl.log(tl.where(dead, 1.0, lsum)))
+            m, lsum, acc = _accumulate(x, vb, m, lsum, acc, DOT)
+    o = acc * inverse_or_zero(lsum)[:, None]
+    lse = log_sum(m, lsum)
     # a NaN anywhere in the row keeps its output NaN (lsum NaN is not 0)
     tl.store(OR + bh * (NQ * DV) + qp[:, None] * DV + rdv[None, :], o, mask=q_ok[:, None] & dv_ok[None, :])
     tl.store(LSER + bh * NQ + qp, lse, mask=q_ok)
 
 
-@triton.autotune(configs=configs([triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (2, 2)]]),
+@triton.autotune(configs=configs([(4, 2), (2, 2)]),
                  key=["L", "S", "R", "D", "DV"])
 @triton.jit
 def _static_kernel(
@@ -148,13 +134,12 @@ def _static_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn, sob, soh, son, sod,
     H, G, HK, NQ, NK, MQ, MK, R, D, DV, L, S, scale,
     DP: tl.constexpr, DVP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bk = b * HK + h // G
+    b, h, hk = split_head(bh, H, G)
+    bk = b * HK + hk
     qp = pid * BM + tl.arange(0, BM)
     q_ok = qp < NQ
     rd = tl.arange(0, DP)
@@ -166,14 +151,14 @@ def _static_kernel(
     m = tl.full([BM], float("-inf"), tl.float32)
     lsum = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DVP], tl.float32)
-    k_base = K + b * skb + (h // G) * skh
-    v_base = V + b * svb + (h // G) * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     # sink keys
     for s0 in range(0, S, BN):
         kp = s0 + tl.arange(0, BN)
         k_ok = kp < S
         kt = tl.load(k_base + kp[:, None] * skn + rd[None, :] * skd, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        x = _scores(q, kt, scale, IEEE)
+        x = _scores(q, kt, scale, DOT)
         if HAS_BIAS:
             x = x + tl.load(BIAS + b * sbb + h * sbh + kp * sbn, mask=k_ok, other=0.0)[None, :]
         keep = k_ok[None, :]
@@ -181,7 +166,7 @@ def _static_kernel(
             keep = keep & (kp[None, :] <= qp[:, None])
         x = tl.where(keep, x, NEG_INF)
         vt = tl.load(v_base + kp[:, None] * svn + rdv[None, :] * svd, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
-        m, lsum, acc = _online(x, vt, m, lsum, acc, IEEE)
+        m, lsum, acc = _accumulate(x, vt, m, lsum, acc, DOT)
     # local band minus the keys of the query's routed blocks
     if L > 0:
         if CAUSAL:
@@ -197,7 +182,7 @@ def _static_kernel(
             kp = k0 + tl.arange(0, BN)
             k_ok = kp < hi
             kt = tl.load(k_base + kp[:, None] * skn + rd[None, :] * skd, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            x = _scores(q, kt, scale, IEEE)
+            x = _scores(q, kt, scale, DOT)
             if HAS_BIAS:
                 x = x + tl.load(BIAS + b * sbb + h * sbh + kp * sbn, mask=k_ok, other=0.0)[None, :]
             keep = k_ok[None, :] & (kp[None, :] >= qp[:, None] - before) & (kp[None, :] <= qp[:, None] + after)
@@ -209,7 +194,7 @@ def _static_kernel(
             x = tl.where(keep, x, NEG_INF)
             vt = tl.load(v_base + kp[:, None] * svn + rdv[None, :] * svd, mask=k_ok[:, None] & dv_ok[None, :],
                          other=0.0)
-            m, lsum, acc = _online(x, vt, m, lsum, acc, IEEE)
+            m, lsum, acc = _accumulate(x, vt, m, lsum, acc, DOT)
     # log-sum-exp merge with the routed part (normalised o_r, lse_r)
     o_r = tl.load(OR + bh * (NQ * DV) + qp[:, None] * DV + rdv[None, :], mask=q_ok[:, None] & dv_ok[None, :],
                   other=0.0)
@@ -221,17 +206,16 @@ def _static_kernel(
     w_r = tl.exp(lse_r - mt_safe)
     num = acc * w_s[:, None] + o_r * w_r[:, None]
     den = lsum * w_s + w_r
-    dead = den == 0.0
-    out = num * tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, den))[:, None]
+    out = num * inverse_or_zero(den)[:, None]
     tl.store(OUT + b * sob + h * soh + qp[:, None] * son + rdv[None, :] * sod, out.to(OUT.dtype.element_ty),
              mask=q_ok[:, None] & dv_ok[None, :])
 
 
 def supports(q, k, v, attn_mask, is_causal, params) -> Optional[str]:
     """None when the kernels can serve this call, else why not."""
-    for reason in (device_reason(q), dtype_reason(q), head_dim_reason(q, v)):
-        if reason:
-            return reason
+    reason = input_reason(q, v)
+    if reason:
+        return reason
     if attn_mask is not None and not is_key_padding(attn_mask):
         return "routing supports key-padding and causal masks only"
     if is_causal and params.local_window == 0 and params.sink_tokens == 0:
@@ -286,14 +270,14 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None, scratch_f
     QT = ceil_div(wq, BM)
     BN = min(64 if max(DP, DVP) <= 64 else 32, next_pow2(wk))
     BP = 32
-    IEEE = in_dtype == torch.float32
+    DOT = dot_precision(in_dtype)
     launch(
         _routed_kernel, (MQ * QT, BH), (in_dtype, wq, wk, R, MK, D, Dv, bool(is_causal), bias is not None, pooled),
         q, k, v, q if bias is None else bias, q_order, k_order, routes, rvalid, kbar, beta, vbar, klast, o_r, lse_r,
         *q.stride(), *k.stride(), *v.stride(), *sb,
         H, G, Hk, NQ, NK, MQ, MK, wq, wk, R, D, Dv, QT, float(scale),
         DP=DP, DVP=DVP, BM=BM, BN=BN, BP=BP, CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, POOLED=pooled,
-        IEEE=IEEE,
+        DOT=DOT,
     )
 
     # position -> block maps for the band's exclusion of routed keys
@@ -315,6 +299,6 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None, scratch_f
         q, k, v, q if bias is None else bias, q_block, k_block, routes, rvalid, o_r, lse_r, out,
         *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
         H, G, Hk, NQ, NK, MQ, MK, R, D, Dv, L, S, float(scale),
-        DP=DP, DVP=DVP, BM=BMS, BN=BNS, CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, IEEE=IEEE,
+        DP=DP, DVP=DVP, BM=BMS, BN=BNS, CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, DOT=DOT,
     )
     return out
