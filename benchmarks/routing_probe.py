@@ -6,7 +6,13 @@ models, then measures for routing settings the relative error ||out - exact|| / 
 real (unpadded) query rows, averaged over calls. Used to choose the normalisation before
 clustering and the defaults (docs/methods/routing.md). Untimed.
 
+``--what paper`` compares the implemented routing with the issue's literal scheme, written here
+as a dense-mask reference (``paper_attention``): queries and keys clustered together, each
+cluster taking its ``w`` nearest queries and keys (balanced top-w), exact softmax over the union of
+a query's clusters' keys plus a local window and sinks.
+
     python benchmarks/routing_probe.py --model smollm2 --what norm
+    python benchmarks/routing_probe.py --model minilm --what paper
     python benchmarks/routing_probe.py --model minilm --what sweep --settings "[{'routes': 8}]"
 """
 from __future__ import annotations
@@ -26,7 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from structattn.methods.exact import sdpa  # noqa: E402
 from structattn.methods.routing import make_plan  # noqa: E402
-from structattn.methods.routing.plan import NORMALISATIONS  # noqa: E402
+from structattn.methods.common import as_additive, as_4d  # noqa: E402
+from structattn.methods.routing.naive import local_keep  # noqa: E402
+from structattn.methods.routing.plan import NORMALISATIONS, normalise  # noqa: E402
 from structattn.methods.routing.torch import attend  # noqa: E402
 
 
@@ -64,6 +72,60 @@ def measure(call: dict, live_rows, clusters, window, routes, iterations, local_w
     return float((out - ref)[rows].norm() / ref[rows].norm())
 
 
+def paper_attention(q, k, v, mask, scale, causal, clusters, window, iterations, local_window, sink_tokens):
+    """The issue's literal scheme as a dense mask (quality only, untimed), per (batch, kv head):
+    centred unit-length queries (of the G heads) and keys clustered together by spherical k-means
+    (start: evenly spaced tokens); cluster c takes the ``window`` keys and, per query head, the
+    ``window`` queries of largest cosine with its centroid (padded keys and their queries never
+    join); query i attends exactly the union of the keys of its clusters, its local window and
+    the sinks (under ``causal`` keys j <= i). Also returns the share of queries in no cluster."""
+    B, H, N, D = q.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    bias = torch.zeros(B, 1, 1, N) if mask is None else as_additive(as_4d(mask), torch.float32)
+    bias = bias.expand(B, H, 1, N)[:, :, 0]                                       # [B, H, N] key biases
+    live = torch.isfinite(bias)
+    allowed = local_keep(N, N, local_window, causal).expand(B, H, N, N).clone()
+    allowed[..., :sink_tokens] = True
+    uncovered = 0
+    for b in range(B):
+        for hk in range(Hk):
+            heads = range(hk * G, (hk + 1) * G)
+            lk = live[b, hk * G]
+            kn = normalise(k[b, hk][None].float(), "center", lk[None])[0]
+            qn = normalise(q[b, hk * G:(hk + 1) * G].float(), "center", live[b, hk * G:(hk + 1) * G])
+            pts = torch.cat([kn[lk]] + [qn[g][live[b, h]] for g, h in enumerate(heads)])
+            cent = pts[torch.linspace(0, len(pts) - 1, clusters).round().long()]
+            for _ in range(iterations):
+                assign = (pts @ cent.T).argmax(-1)
+                sums = torch.zeros_like(cent).index_add_(0, assign, pts)
+                cent = torch.where(sums.norm(dim=-1, keepdim=True) > 0, F.normalize(sums, dim=-1), cent)
+            w = min(window, int(lk.sum()))
+            k_in = torch.zeros(clusters, N)
+            k_in.scatter_(1, (kn @ cent.T).masked_fill(~lk[:, None], -2).T.topk(w, -1).indices, 1.0)
+            for g, h in enumerate(heads):
+                q_in = torch.zeros(clusters, N)
+                q_in.scatter_(1, (qn[g] @ cent.T).masked_fill(~live[b, h][:, None], -2).T.topk(w, -1).indices, 1.0)
+                allowed[b, h] |= (q_in.T @ k_in) > 0
+                uncovered += int(((q_in.sum(0) == 0) & live[b, h]).sum())
+    if causal:
+        allowed &= torch.ones(N, N, dtype=torch.bool).tril()
+    kr, vr = k.repeat_interleave(G, 1).float(), v.repeat_interleave(G, 1).float()
+    logits = (scale * q.float() @ kr.transpose(-1, -2) + bias[:, :, None]).masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0)
+    return p @ vr, uncovered / float(live.sum())
+
+
+def measure_paper(call: dict, live_rows, clusters, window, iterations, local_window, sink_tokens) -> tuple:
+    """(relative error over live query rows, share of live queries in no cluster) of one call."""
+    q, k, v, mask, causal, scale = (call[x] for x in ("q", "k", "v", "mask", "causal", "scale"))
+    ref = sdpa(q, k, v, mask, scale, causal)
+    out, uncovered = paper_attention(q, k, v, mask, scale, causal, clusters, window, iterations, local_window,
+                                     sink_tokens)
+    rows = live_rows.view(q.shape[0], 1, q.shape[2], 1).expand_as(ref)
+    return float((out - ref)[rows].norm() / ref[rows].norm()), uncovered
+
+
 def load(model_name: str, n: int, count: int):
     torch.manual_seed(0)
     if model_name == "minilm":
@@ -84,7 +146,7 @@ def main(argv=None):
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     ap.add_argument("--n", type=int, default=None, help="sequence length (MiniLM 512, SmolLM2 1024)")
     ap.add_argument("--count", type=int, default=None, help="stories (MiniLM 8) / windows (SmolLM2 2)")
-    ap.add_argument("--what", choices=("norm", "sweep"), default="norm")
+    ap.add_argument("--what", choices=("norm", "sweep", "paper"), default="norm")
     ap.add_argument("--layers", type=str, default=None, help="comma-separated layer indices (default all)")
     ap.add_argument("--settings", type=str, default=None,
                     help="--what sweep: a Python list of dicts overriding the defaults, e.g. \"[{'routes': 8}]\"")
@@ -100,7 +162,18 @@ def main(argv=None):
           f"{None if chosen[0]['mask'] is None else tuple(chosen[0]['mask'].shape)}", flush=True)
     base = dict(clusters=None, window=None, routes=4, iterations=2, local_window=32, sink_tokens=1, pooled=True,
                 norm="center")
-    if args.what == "norm":
+    if args.what == "paper":
+        c = math.isqrt(n - 1) + 1
+        local = 32 if chosen[0]["causal"] else 16
+        for clusters, window in ((c, -(-n // c)), (n // 128, 128), (n // 64, 128)):
+            res = [measure_paper(x, live, clusters, window, 2, local, 1) for x in chosen]
+            errs = [e for e, _ in res]
+            print(f"  paper C={clusters} w={window} L={local} sink=1: rel err mean {sum(errs) / len(errs):.4f} "
+                  f"max {max(errs):.4f}, queries in no cluster {sum(u for _, u in res) / len(res):.1%}", flush=True)
+        settings = [{**base, "local_window": local, **extra} for extra in
+                    ({"pooled": False, "window": 128, "routes": 1}, {"pooled": False, "window": 16, "routes": 8},
+                     {"window": 16, "routes": 8}, {})]
+    elif args.what == "norm":
         settings = [{**base, "norm": nm, "local_window": lw, "pooled": pl}
                     for pl in (True, False) for lw in (32, 0) for nm in NORMALISATIONS]
     else:

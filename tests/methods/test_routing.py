@@ -110,13 +110,14 @@ def test_plan_invariants(seed, B, H, Hk, Nq, Nk, D, Dv, causal, mask):
         assert len(chosen) == len(set(chosen))
 
 
-EXACT_LIMITS = [dict(window=10**6), dict(window=4, routes=10**6), dict(clusters=1, window=10**6, pooled=False)]
+EXACT_LIMITS = [dict(window=10**6), dict(window=4, routes=10**6), dict(clusters=1), dict(clusters=1, pooled=False)]
 
 
 @pytest.mark.parametrize("B,H,Hk,Nq,Nk,D,Dv,causal,mask", CASES)
 @pytest.mark.parametrize("limit", EXACT_LIMITS)
 def test_exact_limits(seed, B, H, Hk, Nq, Nk, D, Dv, causal, mask, limit):
-    """One block holding every key, or every block routed, is softmax attention (float64 oracle)."""
+    """One cluster (its default window is every key), one block holding every key, or every block
+    routed, is softmax attention (float64 oracle)."""
     q, k, v = make_qkv(B, H, Hk, Nq, Nk, D, Dv, seed=seed)
     am = _mask(mask, B, H, Nk, seed)
     p = METHOD.make_params({"local_window": 3, "sink_tokens": 1, **limit})
