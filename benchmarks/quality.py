@@ -436,10 +436,11 @@ def causal_fraction(cfg: Config, window: int, n_layers: int = 30, d: int = 64) -
             est += n * (n + 1) / 2 * d + sum(min(k, i + 1) for i in range(n)) * d
         elif name == "routing":
             # every block is computed in full (content blocks have no causal structure to skip):
-            # the method's own FLOP model, per query head of SmolLM2's 9 / 3 heads
+            # the method's own FLOP model per query head of SmolLM2's 9 / 3 heads, halved (it counts
+            # 2 FLOPs per multiply-add; this function counts multiply-adds, as exact_causal does)
             method = get_method(name)
             shape = SiteShape(1, 9, 3, n, n, d, d, "causal", torch.float32)
-            est += float(method.flops(shape, method.make_params(p))) / 9
+            est += float(method.flops(shape, method.make_params(p))) / (9 * 2)
         else:
             est += exact_causal
     return est / total
