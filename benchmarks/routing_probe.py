@@ -83,7 +83,7 @@ def paper_attention(q, k, v, mask, scale, causal, clusters, window, iterations, 
     Hk = k.shape[1]
     G = H // Hk
     bias = torch.zeros(B, 1, 1, N) if mask is None else as_additive(as_4d(mask), torch.float32)
-    bias = bias.expand(B, H, 1, N)[:, :, 0]                                       # [B, H, N] key biases
+    bias = bias[..., :1, :].expand(B, H, 1, N)[:, :, 0]                                    # [B, H, N] key biases
     live = torch.isfinite(bias)
     allowed = local_keep(N, N, local_window, causal).expand(B, H, N, N).clone()
     allowed[..., :sink_tokens] = True
