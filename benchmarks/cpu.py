@@ -61,6 +61,7 @@ METHODS = [
     ("topk k=64", "topk", {"k": 64}),
     ("linear", "linear", {"feature_map": "hedgehog", "local_window": 0}),
     ("linear w=64", "linear", {"feature_map": "hedgehog", "local_window": 64}),
+    ("routing r=4", "routing", {}),
 ]
 
 

@@ -141,7 +141,7 @@ def score_mods() -> None:
         ref = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v.double()
         for method, kw in (("exact", {}), ("topk", {"k": N})):
             fn = getattr(SF, f"{method}_attention")
-            out = fn(q, k, v, None, s, True, score_mod=text, score_tensors=tensors, window=window, **kw)
+            out = fn(q, k, v, None, s, True, score_mod=text, score_tensors=tensors, sliding_window=window, **kw)
             check(f"score mod {name}: {method} (k = N) causal fp32 N={N}", out, ref, 1e-4)
 
 

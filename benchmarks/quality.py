@@ -14,10 +14,10 @@
   windows) and 4K (4 windows) tokens, and top-1 agreement of the next-token prediction with exact.
 
 For each model and length we sweep each method's budget (Monarch T and b, MRA blocks_per_row and
-block, top-k k) on all layers and on subsets of layers, learned-kernel linear attention with feature
-maps fitted by ``structattn.fit_linear`` on the calibration samples (all layers or a subset, with
-and without an exact local window; ``--only-linear`` runs just these rows and exact), plus the
-configuration chosen by ``structattn.calibrate`` (calibrated on held-out samples: the last 32 stories for MiniLM, windows
+block, top-k k, routing window and routes) on all layers and on subsets of layers, learned-kernel linear
+attention with feature maps fitted by ``structattn.fit_linear`` on the calibration samples (all layers or
+a subset, with and without an exact local window; ``--only-linear`` runs just these rows and exact), plus
+the configuration chosen by ``structattn.calibrate`` (calibrated on held-out samples: the last 32 stories for MiniLM, windows
 after the evaluated ones for SmolLM2). FLOP fractions are the report's FLOP model: estimated /
 exact attention FLOPs summed over sites (``method.flops`` at the traced shapes).
 
@@ -32,6 +32,8 @@ Writes ``benchmarks/out/quality_<model>.csv``, ``quality_<model>.png`` and ``qua
     python benchmarks/quality.py --model minilm     # one model
     python benchmarks/quality.py --quick            # a few configurations, fewer stories/windows
     python benchmarks/quality.py --only-linear      # linear-attention rows (fits included) and exact
+    python benchmarks/quality.py --methods routing --no-calibrate   # only routing rows (+ exact), merged
+                                                                    # into the existing CSVs
 """
 from __future__ import annotations
 
@@ -180,6 +182,8 @@ def _short(method: str, p: dict) -> str:
         return f"K({p['k']})"
     if method == "linear":
         return f"L(w={p.get('local_window') or 0})"
+    if method == "routing":
+        return f"T(w={p['window']},r={p['routes']},L={p['local_window']}{',sink' if p.get('sink_tokens') else ''})"
     return method
 
 
@@ -241,6 +245,8 @@ def minilm_configs(n: int, quick: bool) -> list[Config]:
                             f"mra2s b=32 r={m32 // 4}", f"b=32 r={m32 // 4} (mra2s)"))
     for k in topk:
         cfgs.append(uniform("topk", {"k": k}, "all", L, f"topk k={k}", f"k={k}"))
+    for shown, p in routing_settings(n, causal=False, quick=quick):
+        cfgs.append(uniform("routing", p, "all", L, f"routing {shown}", shown))
     # which layers: the same setting on subsets of layers
     for layers in (("2-5",) if quick else ("1-5", "3-5", "0-4") if n <= 256 else ("3-5",)):
         cfgs.append(uniform("monarch", {"block_size": 16, "num_steps": 2}, layers, L,
@@ -248,6 +254,36 @@ def minilm_configs(n: int, quick: bool) -> list[Config]:
         cfgs.append(uniform("mra", {"block_size": 8, "blocks_per_row": m8 // 4}, layers, L,
                             f"mra b=8 r={m8 // 4} [{layers}]", f"b=8 r={m8 // 4}"))
     return cfgs
+
+
+def routing_settings(n: int, causal: bool, quick: bool) -> list[tuple[str, dict]]:
+    """Routing rows: the defaults (about sqrt(N) blocks of sqrt(N) tokens, 4 routes, pooled, a
+    local window of 32, one sink), then smaller blocks with more routes (better at the same
+    number of exact keys in the layer-by-layer probe, benchmarks/routing_probe.py)."""
+    c = math.isqrt(n - 1) + 1
+    w = -(-n // c)
+    rows = [(f"w={w} r=4 L=32", {})]
+    if quick:
+        pass
+    elif causal:
+        rows += [("w=16 r=8 L=32", {"window": 16, "routes": 8})] if n <= 2048 else \
+            [("w=32 r=8 L=32", {"window": 32, "routes": 8})]
+    else:
+        rows += [("w=16 r=8 L=16", {"window": 16, "routes": 8, "local_window": 16}),
+                 ("w=8 r=16 L=0", {"window": 8, "routes": 16, "local_window": 0})]
+    return [(shown, {"window": w, "routes": 4, "local_window": 32, "sink_tokens": 1, **p}) for shown, p in rows]
+
+
+def only(configs: list, families: Optional[list]) -> list:
+    """The configurations of the method families in ``families`` (exact always), or all."""
+    if not families:
+        return configs
+    return [c for c in configs if c.method == "exact" or c.method in families]
+
+
+def linear_wanted(args) -> bool:
+    """Linear rows (and their fits) run unless ``--methods`` names other families only."""
+    return not args.methods or "linear" in args.methods
 
 
 def run_minilm(args) -> list[dict]:
@@ -283,9 +319,9 @@ def run_minilm(args) -> list[dict]:
             eager = torch.cat([data.embed(model, b) for b in batches[:2]])
         assert (eager - ref["emb"][: len(eager)]).abs().max() < 1e-4, "routed exact run differs from eager"
 
-        only = args.only_calibrated or args.only_linear
-        configs = [configs_exact()] if only else minilm_configs(n, args.quick)
-        if not args.no_linear and not args.only_calibrated:
+        only_rows = args.only_calibrated or args.only_linear
+        configs = [configs_exact()] if only_rows else only(minilm_configs(n, args.quick), args.methods)
+        if not args.no_linear and not args.only_calibrated and linear_wanted(args):
             configs += minilm_linear(model, tok, calib_docs, n, rm, args)
         if not args.no_calibrate and not args.only_linear:
             configs += minilm_calibrated(model, tok, calib_docs, n, rm, args)
@@ -416,6 +452,8 @@ def smollm2_configs(window: int, quick: bool) -> list[Config]:
         cfgs.append(uniform("topk", {"k": window // 8}, "all", L, f"topk k={window // 8}", f"k={window // 8}"))
         cfgs += [mra(mk // 16, 1, "0-14"), mra(mk // 16, 1, "15-29")]
     cfgs.append(uniform("monarch", {"block_size": 64, "num_steps": 2}, "all", L, "monarch b=64 T=2", "b=64 T=2"))
+    for shown, p in routing_settings(window, causal=True, quick=quick):
+        cfgs.append(uniform("routing", p, "all", L, f"routing {shown}", shown))
     return cfgs
 
 
@@ -458,6 +496,13 @@ def causal_fraction(cfg: Config, window: int, n_layers: int = 30, d: int = 64) -
         elif name == "topk":
             k = p["k"]
             est += n * (n + 1) / 2 * d + sum(min(k, i + 1) for i in range(n)) * d
+        elif name == "routing":
+            # every block is computed in full (content blocks have no causal structure to skip):
+            # the method's own FLOP model per query head of SmolLM2's 9 / 3 heads, halved (it counts
+            # 2 FLOPs per multiply-add; this function counts multiply-adds, as exact_causal does)
+            method = get_method(name)
+            shape = SiteShape(1, 9, 3, n, n, d, d, "causal", torch.float32)
+            est += float(method.flops(shape, method.make_params(p))) / (9 * 2)
         else:
             est += exact_causal
     return est / total
@@ -496,9 +541,9 @@ def run_smollm2(args) -> list[dict]:
         ref_nll, ref_top = evaluate(Config("exact", "exact", "-", "none"))
         exact_s = time.time() - t
         ref_ppl = math.exp(float(ref_nll.double().mean()))
-        only = args.only_calibrated or args.only_linear
-        configs = [configs_exact()] if only else smollm2_configs(window, args.quick)
-        if not args.no_linear and not args.only_calibrated:
+        only_rows = args.only_calibrated or args.only_linear
+        configs = [configs_exact()] if only_rows else only(smollm2_configs(window, args.quick), args.methods)
+        if not args.no_linear and not args.only_calibrated and linear_wanted(args):
             configs += smollm2_linear(model, stream, window, rm, args, fitted)
         if not args.no_calibrate and not args.only_linear:
             configs += smollm2_calibrated(model, calib_w, window, rm, args)
@@ -577,10 +622,11 @@ def _number(x: str):
     return x
 
 
-def merge_rows(rows: list[dict], name: str, only_calibrated: bool = False, only_linear: bool = False) -> list[dict]:
+def merge_rows(rows: list[dict], name: str, only_calibrated: bool = False, only_linear: bool = False,
+               families: Optional[list] = None) -> list[dict]:
     """This run's rows plus the rows of other lengths already in ``quality_<name>.csv`` (so the
     model can be run one length at a time); with ``only_calibrated`` just the calibrated rows of
-    this run's lengths are replaced."""
+    this run's lengths are replaced, with ``families`` just those families' rows (and exact)."""
     path = OUT / f"quality_{name}.csv"
     if not path.exists():
         return rows
@@ -591,6 +637,9 @@ def merge_rows(rows: list[dict], name: str, only_calibrated: bool = False, only_
         family = "calibrated" if only_calibrated else "linear"
         rows = [r for r in rows if r["method"] == family]
         kept = [r for r in old if not (r["seq_len"] in done and r["method"] == family)]
+    elif families:
+        replaced = set(families) | {"exact", "calibrated"}
+        kept = [r for r in old if not (r["seq_len"] in done and r["method"] in replaced)]
     else:
         kept = [r for r in old if r["seq_len"] not in done]
     return sorted(kept + rows, key=lambda r: r["seq_len"]) if kept else rows
@@ -646,7 +695,7 @@ def plot(rows: list[dict], name: str, metric: str, ylabel: str, target: Optional
     lengths = sorted({r["seq_len"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     colors = {"exact": "black", "monarch": "tab:blue", "mra": "tab:orange", "topk": "tab:green",
-              "linear": "tab:purple", "calibrated": "tab:red"}
+              "linear": "tab:brown", "routing": "tab:purple", "calibrated": "tab:red"}
     for ax, n in zip(axes[0], lengths):
         for fam, color in colors.items():
             pts = [r for r in rows if r["seq_len"] == n and r["method"] == fam]
@@ -691,6 +740,8 @@ def main(argv=None) -> None:
     p.add_argument("--lm-budget", type=float, default=0.04, help="calibrate budget: relative perplexity increase")
     p.add_argument("--lm-evals", type=int, default=16, help="calibrate max end-to-end runs for SmolLM2")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="run only these method families' rows (exact always runs), e.g. --methods routing")
     p.add_argument("--plot-only", action="store_true", help="redraw PNG and tables from the CSVs in benchmarks/out")
     p.add_argument("--only-calibrated", action="store_true",
                    help="rerun only the calibrated configurations (and exact), keep the other rows of the CSV")
@@ -708,13 +759,14 @@ def main(argv=None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     md = []
     if args.model in ("minilm", "all"):
-        rows = merge_rows([] if args.plot_only else run_minilm(args), "minilm", args.only_calibrated, args.only_linear)
+        rows = merge_rows([] if args.plot_only else run_minilm(args), "minilm", args.only_calibrated,
+                          args.only_linear, args.methods)
         print("wrote", write_csv(rows, "minilm"),
               plot(rows, "MiniLM", "mean_cos", "mean embedding cosine vs exact", target=0.99))
         md.append("### all-MiniLM-L6-v2\n\n" + markdown(rows, "MiniLM"))
     if args.model in ("smollm2", "all"):
         rows = merge_rows([] if args.plot_only else run_smollm2(args), "smollm2", args.only_calibrated,
-                          args.only_linear)
+                          args.only_linear, args.methods)
         print("wrote", write_csv(rows, "smollm2"),
               plot(rows, "SmolLM2", "ppl_ratio", "perplexity / exact perplexity (lee_background)", target=1.05))
         md.append("### SmolLM2-135M-Instruct\n\n" + markdown(rows, "SmolLM2"))

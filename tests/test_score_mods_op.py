@@ -64,7 +64,7 @@ def test_exact_applies_every_modification_like_eager(name, text, tensors, fn, wi
     q, k, v = _qkv()
     keep = band(N, N, *(window or (None, None)), causal=causal)
     ref = eager(q, k, v, fn, keep)
-    out = SF.exact_attention(q, k, v, is_causal=causal, score_mod=text, score_tensors=tensors, window=window)
+    out = SF.exact_attention(q, k, v, is_causal=causal, score_mod=text, score_tensors=tensors, sliding_window=window)
     assert rel_err(out, ref) < TOL[torch.float64]
     mods = ScoreMods(text, tuple(tensors), *(w if w is not None else -1 for w in (window or (None, None))))
     assert rel_err(dense_attention(q, k, v, None, None, causal, mods), ref) < TOL[torch.float64]
@@ -76,7 +76,7 @@ def test_window_alone_equals_sdpa_with_the_band_mask_fp32_and_cross_lengths():
     pad = torch.ones(B, 1, 1, 14, dtype=torch.bool)
     pad[1, ..., 10:] = False
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep & pad, enable_gqa=True)
-    out = SF.exact_attention(q, k, v, attn_mask=pad, window=(4, 2))
+    out = SF.exact_attention(q, k, v, attn_mask=pad, sliding_window=(4, 2))
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
@@ -120,10 +120,10 @@ def test_gradients_through_an_approximation_reach_the_table():
 def test_under_torch_compile_fullgraph():
     q, k, v = _qkv(dtype=torch.float32)
     slopes = SLOPES.float()
-    fn = torch.compile(lambda q, k, v, t: SF.exact_attention(q, k, v, is_causal=True, window=(3, 0),
+    fn = torch.compile(lambda q, k, v, t: SF.exact_attention(q, k, v, is_causal=True, sliding_window=(3, 0),
                                                               score_mod="s + t0[h, 0] * k", score_tensors=[t]),
                        backend="aot_eager", fullgraph=True)
-    ref = SF.exact_attention(q, k, v, is_causal=True, window=(3, 0), score_mod="s + t0[h, 0] * k",
+    ref = SF.exact_attention(q, k, v, is_causal=True, sliding_window=(3, 0), score_mod="s + t0[h, 0] * k",
                              score_tensors=[slopes])
     assert rel_err(fn(q, k, v, slopes), ref) < TOL[torch.float32]
 
@@ -139,7 +139,7 @@ def test_dead_rows_see_the_window_and_the_expression():
     fill = torch.finfo(torch.float64).min
     ref = eager(q, k, v, lambda s: torch.where(keep & pad, 5.0 * torch.tanh(s / 5.0), fill))
     mods = ScoreMods("5.0 * tanh(s / 5.0)", (), 2, 0)
-    out = SF.exact_attention(q, k, v, attn_mask=pad, is_causal=True, score_mod=mods.text, window=(2, 0))
+    out = SF.exact_attention(q, k, v, attn_mask=pad, is_causal=True, score_mod=mods.text, sliding_window=(2, 0))
     dead = torch.zeros(B, H, N, dtype=torch.bool)
     dead[0, :, 5:8] = True
     assert (out[dead] == 0).all() and rel_err(out[~dead], ref[~dead]) < TOL[torch.float64]
@@ -151,8 +151,8 @@ def test_dead_rows_see_the_window_and_the_expression():
     (dict(score_mod="s + x"), "the name 'x'"),
     (dict(score_mod="s + t1[h]", score_tensors=[SLOPES]), "reads t1 but only 1"),
     (dict(score_tensors=[SLOPES]), "without a score_mod"),
-    (dict(window=(-2, 0)), "window left must be an int >= 0 or None"),
-    (dict(window=3), "window must be None or a pair"),
+    (dict(sliding_window=(-2, 0)), "sliding_window left must be an int >= 0 or None"),
+    (dict(sliding_window=3), "sliding_window must be None or a pair"),
 ])
 def test_malformed_modifications_are_refused_by_name(kwargs, match):
     q, k, v = _qkv()

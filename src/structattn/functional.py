@@ -13,12 +13,12 @@ parameters as keywords.
 Score modifications (``attention`` and every wrapper): ``score_mod`` is an expression that maps the
 scaled score ``s`` of entry (b, h, q, k) to its logit before the mask, in the small language of
 ``structattn.scoremod`` (``h`` is the query head; captured tensors ``t0``, ``t1``, ... are
-``score_tensors``); ``window=(left, right)`` is a sliding window (key j visible from query i iff
+``score_tensors``); ``sliding_window=(left, right)`` is a sliding window (key j visible from query i iff
 ``i - left <= j <= i + right``; None on a side = unbounded), a hard mask like ``is_causal``::
 
     attention("mra", q, k, v, is_causal=True, score_mod="50.0 * tanh(s / 50.0)")    # Gemma-2
     attention("topk", q, k, v, score_mod="s + t0[h, 0] * k", score_tensors=[slopes])  # ALiBi
-    attention("exact", q, k, v, is_causal=True, window=(4095, 0))                     # Mistral
+    attention("exact", q, k, v, is_causal=True, sliding_window=(4095, 0))                     # Mistral
 
 Each method applies them as its page under docs/methods/ says, or raises ValueError naming the
 term it cannot keep (e.g. Monarch and soft-capping). Score tensors that require grad get gradients.
@@ -34,16 +34,17 @@ from .lowering.ops import IMPLS, check_inputs, check_mods, mod_args, op_for
 from .methods import REGISTRY, get_method
 from .methods.base import ScoreMods
 
-__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention", "linear_attention"]
+__all__ = ["attention", "exact_attention", "monarch_attention", "mra_attention", "topk_attention",
+           "linear_attention", "routing_attention"]
 
 
 def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
               attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
               is_causal: bool = False, *, impl: str = "auto", score_mod: str = "",
-              score_tensors: Sequence[torch.Tensor] = (), window: Optional[tuple] = None,
+              score_tensors: Sequence[torch.Tensor] = (), sliding_window: Optional[tuple] = None,
               tensors: Sequence[torch.Tensor] = (), **params) -> torch.Tensor:
     """Attention by the registered method ``method`` with its ``params`` (validated), the score
-    modifications ``score_mod`` / ``score_tensors`` / ``window`` (module docstring), and ``tensors``,
+    modifications ``score_mod`` / ``score_tensors`` / ``sliding_window`` (module docstring), and ``tensors``,
     the constant tensors of a method that takes them (``Method.takes_tensors``)."""
     what = f"structattn.functional.{method}_attention"
     if impl not in IMPLS:
@@ -51,7 +52,7 @@ def attention(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /,
     pargs = _param_args(method, tuple(sorted(params.items())))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else math.inf  # SDPA's default
-    mods = ScoreMods(score_mod, tuple(score_tensors), *_window(window, what))
+    mods = ScoreMods(score_mod, tuple(score_tensors), *_window(sliding_window, what))
     if not torch.compiler.is_compiling():
         # eager only: under torch.compile the op's fake impl checks the inputs, and the method's
         # forward raises for a mask or causal flag it cannot serve
@@ -70,7 +71,7 @@ def _window(window: Optional[tuple], what: str) -> tuple[int, int]:
     if window is None:
         return -1, -1
     if not (isinstance(window, (tuple, list)) and len(window) == 2):
-        raise ValueError(f"{what}: window must be None or a pair (left, right) of ints >= 0 or None; got {window!r}")
+        raise ValueError(f"{what}: sliding_window must be None or a pair (left, right) of ints >= 0 or None; got {window!r}")
     out = []
     for side, value in zip(("left", "right"), window):
         if value is None:
@@ -78,7 +79,7 @@ def _window(window: Optional[tuple], what: str) -> tuple[int, int]:
         elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             out.append(value)
         else:
-            raise ValueError(f"{what}: window {side} must be an int >= 0 or None (unbounded); got {value!r}")
+            raise ValueError(f"{what}: sliding_window {side} must be an int >= 0 or None (unbounded); got {value!r}")
     return out[0], out[1]
 
 
@@ -126,7 +127,7 @@ def exact_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, imp
 
 
 def _mods(kw: dict, name: str) -> dict:
-    unknown = set(kw) - {"score_mod", "score_tensors", "window"}
+    unknown = set(kw) - {"score_mod", "score_tensors", "sliding_window"}
     if unknown:
         raise TypeError(f"{name}() got unexpected keyword arguments {sorted(unknown)}")
     return kw
@@ -185,6 +186,22 @@ def linear_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ma
     return attention("linear", q, k, v, attn_mask, scale, is_causal, impl=impl, tensors=maps.tensors(q.device),
                      feature_map=maps.kind, num_features=maps.num_features, local_window=maps.local_window,
                      sink_tokens=maps.sink_tokens, chunk_size=chunk_size)
+
+
+def routing_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, clusters=None, window=None, routes=4,
+                      iterations=2, local_window=32, sink_tokens=1, pooled=True, impl="auto"):
+    """Routing attention (Roy et al. 2021), zero-shot: k-means clusters found at run time.
+
+    Keys (per batch and kv head) are clustered by ``iterations`` of spherical k-means into
+    ``clusters`` (None: about sqrt(N)), sorted by cluster and cut into blocks of ``window`` keys
+    (None: N / clusters); queries are sorted and cut the same way. Each query block attends its
+    ``routes`` best key blocks exactly and, with ``pooled``, every other block as one pooled key;
+    every query also attends its ``local_window`` neighbours and the first ``sink_tokens`` keys.
+    ``window >= N`` (or ``routes`` >= the number of blocks) is exact softmax attention.
+    """
+    return attention("routing", q, k, v, attn_mask, scale, is_causal, impl=impl, clusters=clusters, window=window,
+                     routes=routes, iterations=iterations, local_window=local_window, sink_tokens=sink_tokens,
+                     pooled=pooled)
 
 
 def __getattr__(name: str):

@@ -8,6 +8,7 @@ from .linear import LinearMethod
 from .monarch import MonarchMethod
 from .mra import MraMethod
 from .topk import TopkMethod
+from .routing import RoutingMethod
 
 REGISTRY: dict[str, Method] = {}
 
@@ -33,5 +34,6 @@ register(MonarchMethod())
 register(MraMethod())
 register(TopkMethod())
 register(LinearMethod())
+register(RoutingMethod())
 
 __all__ = ["Method", "SiteShape", "MASK_KINDS", "REGISTRY", "register", "get_method", "exact_flops"]
