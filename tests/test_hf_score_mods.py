@@ -98,6 +98,51 @@ def test_gemma2_mra_keeps_the_softcap_layers_exact_with_the_reason():
     for s in report.sites:
         assert s.rewritten and s.method == "exact", str(report)
         # the sliding layer is refused for its general mask first; the full layer for the soft-cap
-        expected = "general [Q, K] mask" if s.mask == "general" else "takes no score modifications (softcap(30)"
+        expected = "general [Q, K] mask" if s.mask == "general" else "mra cannot apply soft-capping (softcap(30))"
         assert expected in s.reason, s.reason
     assert rel_err(out, ref) < 1e-5
+
+
+class _Bidirectional(torch.nn.Module):
+    """One ALiBi attention layer of BLOOM or MPT called as an encoder (no causal mask: Monarch has
+    no causal form), its ALiBi built inside the traced forward by the family's own function."""
+
+    def __init__(self, family):
+        super().__init__()
+        self.family = family
+        if family == "mpt":
+            self.attn = transformers.models.mpt.modeling_mpt.MptAttention(
+                transformers.MptConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=100, max_seq_len=64))
+        else:
+            self.attn = transformers.models.bloom.modeling_bloom.BloomAttention(
+                transformers.BloomConfig(n_layer=1, hidden_size=32, n_head=4, vocab_size=100), layer_idx=0)
+
+    def forward(self, x, keep):
+        if self.family == "mpt":
+            alibi = transformers.models.mpt.modeling_mpt.build_mpt_alibi_tensor(4, x.shape[1], device=x.device)
+            return self.attn(x, position_bias=alibi)[0]
+        bloom = transformers.models.bloom.modeling_bloom
+        alibi = bloom.build_alibi_tensor(keep.long(), 4, x.dtype)
+        mask = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, float("-inf"))[:, None, None, :]
+        return self.attn(x, torch.zeros_like(x), alibi, mask)[0]
+
+
+@pytest.mark.parametrize("family", ["mpt", "bloom"])
+def test_alibi_sites_run_on_monarch_with_their_terms(family):
+    torch.manual_seed(0)
+    model = _Bidirectional(family).eval().double()
+    x = torch.randn(2, N, 32, dtype=torch.float64)
+    keep = torch.ones(2, N, dtype=torch.bool)
+    keep[1, 9:] = False
+    with torch.no_grad():
+        ref = model(x, keep)
+    # (the models build ALiBi and softmax in float32: eager and compiled differ at float32 rounding)
+    for block, bound in ((N, 1e-5), (4, 0.5)):
+        report = structattn.explain(model, x, keep, options={
+            "method": "monarch", "monarch": {"block_size": block, "num_steps": 2}, "exact_when_cheaper": False})
+        site, = report.sites
+        assert site.rewritten and site.method == "monarch", str(report)
+        assert "bias(key_only)" in site.terms, str(report)
+        err = rel_err(report.output, ref)
+        # block_size = N is Monarch's exact limit; 4 blocks of 3 keys is an approximation
+        assert (err < bound) if block == N else (1e-4 < err < bound), (block, err)

@@ -214,6 +214,97 @@ def key_padding_bias(attn_mask: Optional[torch.Tensor], nk: int, nk_pad: int, dt
 
 
 # --------------------------------------------------------------------------------------------
+# key-only score modifications as a key-padding bias (Monarch's R-step, MRA's pooling)
+# --------------------------------------------------------------------------------------------
+def key_bias_terms_reason(method: str, terms: tuple, alternative: str = "use 'topk' or 'exact'") -> Optional[str]:
+    """Trace-time: why ``method``, which takes score modifications only as a constant scale and a
+    key bias ``bias[b, h, k]`` (per-row constants dropped: softmax ignores them; ALiBi is one),
+    cannot keep the score ``terms`` (``SiteShape.terms``), or None."""
+    for t in terms:
+        if t.kind == "softcap":
+            return (f"{method} cannot apply soft-capping ({t.label()}): it takes the logits only as "
+                    f"scale * q.k plus a key-only bias; {alternative}")
+        if t.kind == "bias" and t.form != "key_only":
+            shown = f" `{t.text}`" if t.text else ""
+            return (f"{method} takes only key-only biases (of batch, head and key position, like key "
+                    f"padding); got {t.label()}{shown}, which varies along queries; {alternative}")
+        if t.kind == "score_mod":
+            return (f"{method} cannot apply the element-wise score modification `{t.text}`: it takes only "
+                    f"a constant scale and key-only biases; {alternative}")
+        if t.kind == "mask" and t.form == "sliding_window":
+            return f"{method} has no sliding-window form ({t.label()}); {alternative}"
+    return None
+
+
+def key_bias_mods_reason(method: str, mods, alternative: str = "use 'topk' or 'exact'") -> Optional[str]:
+    """Run-time: why ``method`` cannot apply the ``ScoreMods`` ``mods`` as a constant scale plus a
+    key bias (``fold_key_bias``), or None."""
+    from ..scoremod.analysis import split_key_bias
+
+    if mods.windowed:
+        return (f"{method} has no sliding-window form (window ({mods.window_left}, {mods.window_right})); "
+                f"{alternative}")
+    if mods.text and _score_factor(split_key_bias(mods.text).rest) is None:
+        return (f"{method} takes only a constant scale and key-only biases; score_mod {mods.text!r} is "
+                f"not of that form; {alternative}")
+    return None
+
+
+def _score_factor(rest: str) -> Optional[float]:
+    """The constant c when ``rest`` (an expression without its key bias) is ``s`` ('' -> 1.0),
+    ``s * c``, ``c * s`` or ``s / c``; else None."""
+    from ..scoremod.expr import BinOp, Const, Var, parse
+
+    if not rest:
+        return 1.0
+    tree = parse(rest)
+    if not (isinstance(tree, BinOp) and tree.op in ("*", "/")):
+        return None
+    pairs = [(tree.left, tree.right)] + ([(tree.right, tree.left)] if tree.op == "*" else [])
+    for x, c in pairs:
+        if isinstance(x, Var) and x.name == "s" and isinstance(c, Const) and not isinstance(c.value, bool):
+            value = float(c.value)
+            if tree.op == "*":
+                return value
+            return 1.0 / value if value != 0 else None
+    return None
+
+
+def fold_key_bias(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float, mods,
+                  dtype: torch.dtype, what: str) -> tuple[Optional[torch.Tensor], float]:
+    """``(attn_mask, scale)`` that give a method the logits the ``ScoreMods`` ``mods`` make: the key
+    bias (``scoremod.analysis.split_key_bias``; per-row constants dropped) evaluated to
+    ``[B, H, 1, Nk]`` and added to the key-padding mask as an additive bias in ``dtype``, a
+    constant factor on ``s`` folded into ``scale``. ValueError naming ``what`` when ``mods`` is not
+    of that form."""
+    from ..scoremod.analysis import split_key_bias
+    from ..scoremod.evaluate import apply_score_mod
+
+    if mods.empty:
+        return attn_mask, scale
+    reason = key_bias_mods_reason(what, mods)
+    if reason is not None:
+        raise ValueError(reason)
+    split = split_key_bias(mods.text)
+    scale = scale * _score_factor(split.rest)
+    if not split.key_bias:
+        return attn_mask, scale
+    B, H, Nk = q.shape[0], q.shape[1], k.shape[2]
+    dev = q.device
+    bias = apply_score_mod(
+        split.key_bias, torch.zeros(B, H, 1, Nk, dtype=dtype, device=dev),
+        b=torch.arange(B, device=dev).view(B, 1, 1, 1), h=torch.arange(H, device=dev).view(1, H, 1, 1),
+        q=0, k=torch.arange(Nk, device=dev).view(1, 1, 1, Nk), tensors=mods.tensors)
+    padding = key_padding_bias(attn_mask, Nk, Nk, dtype, dev, what)
+    if padding is not None:
+        padding = padding.unsqueeze(2)
+        # masked keys take the mask itself: no gradient reaches the expression's tensors through
+        # them (a method's backward may hold NaN at keys of no weight, and where() drops it)
+        bias = torch.where(padding == MASKED, padding, bias + padding)
+    return bias, scale
+
+
+# --------------------------------------------------------------------------------------------
 # softmax with SDPA's non-finite rows (module docstring)
 # --------------------------------------------------------------------------------------------
 def row_shift(m: torch.Tensor) -> torch.Tensor:
@@ -276,6 +367,24 @@ def key_bias_1d(attn_mask: Optional[torch.Tensor], B: int, H: int, b: int, h: in
     if row.dtype == torch.bool:
         return torch.where(row, 0.0, MASKED).double()
     return row.double()
+
+
+def key_only_mask(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], mods) -> Optional[torch.Tensor]:
+    """For the float64 references of methods that take key-only biases: the key-padding mask plus
+    the logits the ``ScoreMods`` ``mods`` make of zero scores on query row 0, float64
+    [B, H, 1, Nk] (row 0 stands for every row: exact for a bias of b, h, k plus per-row
+    constants, however it is spelled). ValueError for a window or any other expression."""
+    from ..scoremod.analysis import split_key_bias
+
+    if mods.windowed or (mods.text and not split_key_bias(mods.text).exact_key_only):
+        raise ValueError(f"the reference takes only key-only biases, not {mods.describe()}")
+    if not mods.text:
+        return attn_mask
+    B, H, Nk = q.shape[0], q.shape[1], k.shape[2]
+    bias = mods.logits_grid(torch.zeros(B, H, 1, Nk, dtype=torch.float64), torch.zeros(1, dtype=torch.long)).double()
+    if attn_mask is not None:
+        bias = bias + as_additive(as_4d(attn_mask)[..., :1, :], torch.float64)
+    return bias
 
 
 def per_head(head_fn, q, k, v, attn_mask, *args) -> torch.Tensor:

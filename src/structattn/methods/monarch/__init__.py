@@ -3,7 +3,9 @@
 Keys and queries are cut into M blocks; the attention matrix is restricted to
 ``A[(l,j),(k,i)] = L_j[k,l] R_k[j,i]`` and ``<A, S + bias> + H(A)`` is maximised by exact
 alternating (R, L) steps starting from ``L = I``. Cost O(N^1.5 d) at ``b = sqrt(N)``; exact at
-``block_size = 1`` and ``block_size >= Nk``. No causal form; key-padding masks only. Math,
+``block_size = 1`` and ``block_size >= Nk``. No causal form; key-padding masks only; of the score modifications a
+constant scale and key-only biases (ALiBi included), taken in the R-step like key padding
+(``common.fold_key_bias``). Math,
 limits and decisions: docs/methods/monarch.md. Paths: ``torch.py`` (CPU, autograd),
 ``triton.py`` (CUDA), ``naive.py`` (float64 loops).
 """
@@ -12,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..base import Method, SiteShape
-from ..common import Dim, ceil_div, ceil_sqrt, is_symbolic, same_size, sym_min
+from ..base import NO_MODS, Method, SiteShape
+from ..common import (Dim, ceil_div, ceil_sqrt, compute_dtype, fold_key_bias, is_symbolic, key_bias_terms_reason,
+                      same_size, sym_min)
 
 __all__ = ["MonarchParams", "MonarchMethod", "monarch_blocks", "monarch_flops", "monarch_forward"]
 
@@ -78,11 +81,12 @@ class MonarchMethod(Method):
             return "monarch has no causal form (is_causal / causal mask); use 'mra' or 'topk' for causal attention"
         if site.general_mask:
             return "monarch supports only key-padding masks, not a general [Q, K] mask; use 'topk' for general masks"
-        return None
+        return key_bias_terms_reason("monarch", site.terms)
 
-    def forward(self, q, k, v, attn_mask, scale, is_causal, params):
+    def forward(self, q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS):
         if is_causal:
             raise ValueError("monarch attention has no causal form; use method 'mra', 'topk' or 'exact'")
+        attn_mask, scale = fold_key_bias(q, k, attn_mask, scale, mods, compute_dtype(q.dtype), "monarch")
         return monarch_forward(q, k, v, attn_mask, scale, params)
 
     def flops(self, site: SiteShape, params: MonarchParams) -> Dim:

@@ -1,13 +1,17 @@
 """MonarchAttention in float64 with explicit loops over blocks and positions, explicit entropies
 (-sum p log p) and an explicit dense A = L_j[k,l] R_k[j,i]: the reference the torch path and the
-kernel are checked against (docs/methods/monarch.md)."""
+kernel are checked against (docs/methods/monarch.md).
+
+Score modifications: key-only biases (ALiBi included, up to its per-row constant), which join
+the key-padding mask (``common.key_only_mask``)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from ..common import per_head
+from ..base import NO_MODS
+from ..common import key_only_mask, per_head
 
 
 def _softmax_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +92,10 @@ def monarch_attention(q, k, v, attn_mask, scale, block_size, steps) -> torch.Ten
     return per_head(lambda *a: monarch_head(*a)[0], q, k, v, attn_mask, scale, block_size, steps)
 
 
-def forward(q, k, v, attn_mask, scale, is_causal, params) -> torch.Tensor:
-    """``monarch_attention`` with the signature of ``Method.forward``."""
+def forward(q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS) -> torch.Tensor:
+    """``monarch_attention`` with the signature of ``Method.forward``; a key-only score
+    modification joins the key-padding mask (``key_only_mask``)."""
     if is_causal:
         raise ValueError("monarch attention has no causal form")
+    attn_mask = key_only_mask(q, k, attn_mask, mods)
     return monarch_attention(q, k, v, attn_mask, scale, params.block_size, params.num_steps)

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import sizes
+from ..base import NO_MODS
+from ..common import fold_key_bias, key_bias_mods_reason, sizes
 from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, input_reason, inverse_or_zero,
                              key_bias_view, launch, log_sum, next_pow2, online_softmax, split_head)
 from . import monarch_blocks
@@ -221,10 +222,11 @@ def _lalpha_kernel(
 
 # ------------------------------------------------------------------------------------------------
 
-def supports(q, k, v, attn_mask, is_causal, params) -> Optional[str]:
+def supports(q, k, v, attn_mask, is_causal, params, mods=NO_MODS) -> Optional[str]:
     """Run-time check of the kernel on concrete inputs (reached through the kernel dispatch): why it
-    cannot take them, or None."""
-    reason = input_reason(q, v)
+    cannot take them, or None. Score modifications: a constant scale and key-only biases
+    (``common.fold_key_bias``), which reach the kernel as its key-padding bias."""
+    reason = input_reason(q, v) or key_bias_mods_reason("monarch", mods)
     if reason:
         return reason
     if is_causal:
@@ -242,11 +244,13 @@ def _tile(x: int, lo: int, hi: int) -> int:
     return min(hi, next_pow2(x, lo))
 
 
-def forward(q, k, v, attn_mask, scale, is_causal, params, *, out=None):
-    """MonarchAttention (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*]; writes ``out`` when given."""
+def forward(q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS, *, out=None):
+    """MonarchAttention (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*]; writes ``out``
+    when given. A key bias of ``mods`` is evaluated once into the key-padding bias."""
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
+    attn_mask, scale = fold_key_bias(q, k, attn_mask, scale, mods, torch.float32, "monarch")
     B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     T = int(params.num_steps)
     M, BQ, BK = monarch_blocks(NQ, NK, params.block_size)

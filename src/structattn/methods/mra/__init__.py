@@ -5,7 +5,8 @@ Queries and keys are cut into blocks of ``b``; each query block keeps the ``bloc
 best candidate key blocks exactly (the causal diagonal always), and in variant ``mra2`` every
 other candidate block contributes one pooled key (its bias-softmax-weighted mean), merged by
 log-sum-exp; ``mra2s`` keeps only the selected blocks. Exact when every key block is selected.
-Key-padding and causal masks. Cost O(N r b d). Derivation, limits and decisions:
+Key-padding and causal masks; of the score modifications a constant scale and key-only biases
+(ALiBi included), taken like key padding (``common.fold_key_bias``). Cost O(N r b d). Derivation, limits and decisions:
 docs/methods/mra.md. Paths: ``torch.py`` (selection and the differentiable path),
 ``fused_cpu.py`` (CPU inference), ``triton.py`` (CUDA: selection and forward kernels),
 ``naive.py`` (float64 loops).
@@ -15,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..base import Method, SiteShape
-from ..common import Dim, ceil_div, sym_min
+from ..base import NO_MODS, Method, SiteShape
+from ..common import Dim, ceil_div, compute_dtype, fold_key_bias, key_bias_terms_reason, sym_min
 
 __all__ = ["MraParams", "MraMethod", "MraSelection", "VARIANTS", "CANDIDATE_FRACTIONS", "clamp_block",
            "mra_flops", "mra_forward", "mra_select"]
@@ -72,9 +73,10 @@ class MraMethod(Method):
         if site.general_mask:
             return ("mra supports key-padding and causal masks only, not a general [Q, K] mask; "
                     "use 'topk' for general masks")
-        return None
+        return key_bias_terms_reason("mra", site.terms)
 
-    def forward(self, q, k, v, attn_mask, scale, is_causal, params):
+    def forward(self, q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS):
+        attn_mask, scale = fold_key_bias(q, k, attn_mask, scale, mods, compute_dtype(q.dtype), "mra")
         return mra_forward(q, k, v, attn_mask, scale, is_causal, params)
 
     def flops(self, site: SiteShape, params: MraParams) -> Dim:

@@ -30,11 +30,13 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CHUNK_BYTES = 4 << 20
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> Optional[str]:
-    """None when this path can serve the call, else why not."""
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+           attn_mask: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None when this path can serve the call, else why not. ``attn_mask``: the key bias, which
+    needs the differentiable path when it records autograd (a score modification's tensors)."""
     if q.device.type != "cpu":
         return "not a CPU tensor"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_mask)):
         return "autograd is recording (the fused kernel has no log-sum-exp gradient)"
     if is_causal and q.shape[-2] != k.shape[-2]:
         return "causal cross attention"

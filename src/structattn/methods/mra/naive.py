@@ -1,14 +1,18 @@
 """MRA-2 in float64 with explicit loops over query rows and selection by sorting, written from
 the derivation in docs/methods/mra.md: key block j pools its keys with the softmax of their biases
 (keys of bias -inf excluded), its pooled logit adds logsumexp(bias), its selection score the
-log-mean-exp of the biases of its non-(-inf) keys."""
+log-mean-exp of the biases of its non-(-inf) keys.
+
+Score modifications: key-only biases (ALiBi included, up to its per-row constant), which join
+the key-padding mask (``common.key_only_mask``)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from ..common import per_head
+from ..base import NO_MODS
+from ..common import key_only_mask, per_head
 
 
 def mra_head(q, k, v, bias, scale, causal, b, r_budget, variant, sink=0) -> torch.Tensor:
@@ -71,7 +75,9 @@ def mra_attention(q, k, v, attn_mask, scale, causal, b, r, variant, sink=0) -> t
     return per_head(mra_head, q, k, v, attn_mask, scale, causal, b, r, variant, sink)
 
 
-def forward(q, k, v, attn_mask, scale, is_causal, params) -> torch.Tensor:
-    """``mra_attention`` with the signature of ``Method.forward``."""
+def forward(q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS) -> torch.Tensor:
+    """``mra_attention`` with the signature of ``Method.forward``; a key-only score modification
+    joins the key-padding mask (``key_only_mask``)."""
+    attn_mask = key_only_mask(q, k, attn_mask, mods)
     return mra_attention(q, k, v, attn_mask, scale, is_causal, params.block_size, params.blocks_per_row,
                          params.variant, params.sink_blocks)

@@ -211,7 +211,7 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
         p_lo, lse_lo = softmax_and_lse(sel.pooled_logits)                   # [B, H, Mq, Mk]
         vhat = mra_pool(v.to(cdt), key_weights(sel), b, H)                  # [B, H, Mk, Dv]
         o_lo = p_lo @ vhat                                                  # [B, H, Mq, Dv]
-    if fused_cpu.usable(q, k, v, is_causal) is None:
+    if fused_cpu.usable(q, k, v, is_causal, attn_mask) is None:
         lowres = None if o_lo is None else (o_lo, lse_lo)
         return fused_cpu.high_res_cpu(q, k, v, sel, scale, is_causal, lowres, cdt).to(q.dtype)
     if o_lo is not None:

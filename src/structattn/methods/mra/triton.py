@@ -47,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import ceil_div, key_padding_bias, sizes
+from ..base import NO_MODS
+from ..common import ceil_div, fold_key_bias, key_bias_mods_reason, key_padding_bias, sizes
 from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, input_reason, inverse_or_zero, launch,
                              next_pow2, online_softmax, split_head)
 from . import VARIANTS, clamp_block
@@ -361,10 +362,11 @@ def _mra_kernel(
                          out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & dv_ok[None, :])
 
 
-def supports(q, k, v, attn_mask, is_causal, params) -> Optional[str]:
+def supports(q, k, v, attn_mask, is_causal, params, mods=NO_MODS) -> Optional[str]:
     """Run-time check of the kernels on concrete inputs (reached through the kernel dispatch): why
-    they cannot take them, or None."""
-    reason = input_reason(q, v)
+    they cannot take them, or None. Score modifications: a constant scale and key-only biases
+    (``common.fold_key_bias``), which reach the kernels as their key-padding bias."""
+    reason = input_reason(q, v) or key_bias_mods_reason("mra", mods)
     if reason:
         return reason
     if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1:
@@ -428,12 +430,14 @@ def _num_sms(device) -> int:
     return 4
 
 
-def forward(q, k, v, attn_mask, scale, is_causal, params, *, selection=None, out=None):
+def forward(q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS, *, selection=None, out=None):
     """MRA-2 / MRA-2-s (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*]; ``selection``
-    reuses a precomputed ``MraSelection``; writes ``out`` when given."""
+    reuses a precomputed ``MraSelection`` (made with the same modifications); writes ``out`` when
+    given. A key bias of ``mods`` is evaluated once into the key-padding bias."""
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
+    attn_mask, scale = fold_key_bias(q, k, attn_mask, scale, mods, torch.float32, "mra")
     B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     sel = selection if selection is not None else select_blocks(q, k, attn_mask, scale, is_causal, params)
     bs = sel.block
