@@ -115,7 +115,7 @@ def test_what_monarch_cannot_keep_is_refused_with_its_reason(text, window, match
     q, k, v = _qkv()
     tensors = [SLOPES] if "t0" in text else []
     with pytest.raises(ValueError, match=match):
-        SF.monarch_attention(q, k, v, score_mod=text, score_tensors=tensors, window=window)
+        SF.monarch_attention(q, k, v, score_mod=text, score_tensors=tensors, sliding_window=window)
     site = SiteShape(batch=B, num_heads=H, num_kv_heads=Hk, q_len=N, kv_len=N, head_dim=D, v_head_dim=D,
                      terms=terms_of(text, *(window or (-1, -1))))
     assert METHOD.supports(site, MonarchParams()) is not None

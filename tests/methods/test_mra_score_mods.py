@@ -101,7 +101,7 @@ def test_what_mra_cannot_keep_is_refused_with_its_reason(text, window, match):
     q, k, v = _qkv()
     tensors = [SLOPES] if "t0" in text else []
     with pytest.raises(ValueError, match=match):
-        SF.mra_attention(q, k, v, is_causal=True, score_mod=text, score_tensors=tensors, window=window)
+        SF.mra_attention(q, k, v, is_causal=True, score_mod=text, score_tensors=tensors, sliding_window=window)
     with pytest.raises(ValueError, match="mra"):
         METHOD.forward(q, k, v, None, 0.3, True, MraParams(), ScoreMods(text, tuple(tensors), *(window or (-1, -1))))
     site = SiteShape(batch=B, num_heads=H, num_kv_heads=Hk, q_len=N, kv_len=N, head_dim=D, v_head_dim=D,
