@@ -148,7 +148,9 @@ def score_mods() -> None:
 def e2e(length: int) -> None:
     """SmolLM2-135M's shape (30 layers, 9 heads / 3 kv heads, d 64) with random weights, bf16."""
     import structattn
+    from structattn.backend import register
     from transformers import LlamaConfig, LlamaForCausalLM
+    register()   # run from a source tree (PYTHONPATH=src): no installed entry point
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=length,
                       rope_theta=100000.0, tie_word_embeddings=True)
