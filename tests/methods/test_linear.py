@@ -228,15 +228,14 @@ def test_general_masks_are_refused():
 
 
 def test_score_modified_sites_are_refused():
-    import dataclasses
+    from structattn.scoremod.terms import Bias, Mask, Softcap
 
-    @dataclasses.dataclass(frozen=True)
-    class ModSite(SiteShape):      # a site shape carrying a score modification
-        score_mod: object = None
-
-    assert METHOD.supports(ModSite(1, 2, 2, 8, 8, 8, 8, "causal"), LinearParams()) is None
-    assert "score modification" in METHOD.supports(ModSite(1, 2, 2, 8, 8, 8, 8, "causal", score_mod="alibi"),
-                                                   LinearParams())
+    plain = SiteShape(1, 2, 2, 8, 8, 8, 8, "causal", terms=(Mask("causal"),))
+    assert METHOD.supports(plain, LinearParams()) is None
+    for term, label in [(Bias("relative", "s + (k - q)"), "bias(relative)"), (Softcap(30.0), "softcap(30)"),
+                        (Mask("sliding_window", 4, 0), "window(4,0)")]:
+        reason = METHOD.supports(SiteShape(1, 2, 2, 8, 8, 8, 8, "causal", terms=(term,)), LinearParams())
+        assert reason is not None and "score modification" in reason and label in reason, reason
 
 
 def test_linear_is_tried_by_calibrate_only_when_named():
