@@ -16,6 +16,7 @@ from structattn.methods.base import ScoreMods
 from structattn.methods.exact.naive import dense_attention
 
 from testlib import TOL, make_qkv, rel_err
+from testlib import eager_mod_attention as eager
 
 B, H, Hk, N, D = 2, 4, 2, 12, 8
 
@@ -36,15 +37,6 @@ def band(nq, nk, left, right, causal=False):
         keep &= j <= i
     return keep
 
-
-def eager(q, k, v, logits_fn, keep=None):
-    """Eager attention: logits_fn(scores) + hard keep mask, softmax, P V (GQA by repetition)."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = logits_fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, -1) @ v
 
 
 SLOPES = 2.0 ** -torch.arange(1, H + 1, dtype=torch.float64).view(H, 1)

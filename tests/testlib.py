@@ -75,6 +75,17 @@ def sdpa_reference(q, k, v, mask, scale, causal, dtype=None):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+
+def eager_mod_attention(q, k, v, logits_fn, keep=None):
+    """Eager attention with a score modification: ``logits_fn`` on the scaled scores, then the hard
+    ``keep`` mask (True = keep) as -inf, softmax, P V (GQA by repeating k and v)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = logits_fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
 # ------------------------------------------------------------------------------------------------
 # cases from the registry: every method folder with a naive.py is checked without a test edit
 # ------------------------------------------------------------------------------------------------

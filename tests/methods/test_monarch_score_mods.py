@@ -17,6 +17,7 @@ from structattn.methods.monarch import naive as monarch_naive
 from structattn.scoremod.terms import terms_of
 
 from testlib import TOL, make_qkv, rel_err
+from testlib import eager_mod_attention as eager
 
 B, H, Hk, N, D = 2, 4, 2, 12, 8
 METHOD = get_method("monarch")
@@ -44,14 +45,6 @@ def _padding():
     keep[0, ..., 8:] = False
     return keep
 
-
-def eager(q, k, v, logits_fn, keep=None):
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = logits_fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, -1) @ v
 
 
 @pytest.mark.parametrize("name", ["alibi", "key_table"])

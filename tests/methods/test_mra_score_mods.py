@@ -18,6 +18,7 @@ from structattn.methods.mra import naive as mra_naive
 from structattn.scoremod.terms import terms_of
 
 from testlib import TOL, make_qkv, rel_err
+from testlib import eager_mod_attention as eager
 
 B, H, Hk, N, D = 2, 4, 2, 16, 8
 METHOD = get_method("mra")
@@ -39,12 +40,6 @@ def _padding():
 def _key_mask(dtype=torch.float64):
     return torch.where(_padding(), SLOPES.view(1, H, 1, 1) * IDX, float("-inf")).to(dtype)
 
-
-def eager(q, k, v, logits_fn, keep):
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = logits_fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, -1) @ v
 
 
 @pytest.mark.parametrize("causal", [False, True])

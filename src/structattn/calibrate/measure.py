@@ -76,11 +76,17 @@ def shape_of(call: Call, mask_kind: str) -> SiteShape:
 def layer_error(method, params, calls: list, min_seq_len: int, impl: str, tensors: tuple = ()) -> float:
     """Relative Frobenius error of ``method`` over ``calls`` (weighted rows; inf if non-finite);
     ``tensors``: the layer's constants for a method that takes them (``Method.bind``)."""
+    return output_error(calls, lambda call: run_method(
+        method, call.q, call.k, call.v, call.mask, call.scale, call.is_causal, min_seq_len, impl, params,
+        mods=call.mods, tensors=tensors))
+
+
+def output_error(calls: list, run: Callable) -> float:
+    """Relative Frobenius error of ``run(call)`` against each call's exact output, over ``calls``
+    (query rows weighted by ``row_weights``); inf if non-finite."""
     num = den = 0.0
     for call in calls:
-        out = run_method(method, call.q, call.k, call.v, call.mask, call.scale, call.is_causal, min_seq_len, impl,
-                         params, mods=call.mods, tensors=tensors).to(call.out.dtype)
-        diff = (out - call.out).double()
+        diff = (run(call).to(call.out.dtype) - call.out).double()
         ref = call.out.double()
         w = row_weights(call)
         if w is not None:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ..common import as_4d, as_additive
+from ..common import FILL_MASKED_AT, as_4d, as_additive
 from .maps import KINDS, FeatureMaps, apply_map, check_kind, feature_inputs
 from .naive import exact_sets
 from .store import save_maps
@@ -39,7 +39,6 @@ __all__ = ["fit_linear", "fit_calls", "LinearFit", "LayerFit", "LOSSES"]
 LOSSES = ("ce", "mse")
 #: fraction of ``steps`` each variant gets when several are compared
 _TRIAL_SHARE = 0.25
-_MASKED_AT = -1e4          # an additive key bias at or below this marks a padded position
 _LR = {"hedgehog": 1e-2, "gated": 3e-3, "mlp": 3e-3}
 
 
@@ -256,7 +255,7 @@ def _items(calls: list) -> list[_Item]:
             live = torch.arange(nq)
             bb = None if bias is None else bias[b]
             if bb is not None and nq == nk:
-                live = live[(bb[0, 0] > _MASKED_AT)]          # padded positions of self-attention
+                live = live[(bb[0, 0] > FILL_MASKED_AT)]          # padded positions of self-attention
             if live.numel() == 0:
                 continue
             out.append(_Item(c.q[b].float(), c.k[b].float(), c.v[b].float(), bb, float(c.scale), bool(c.is_causal),
@@ -376,31 +375,12 @@ def _ref_norm2(item: _Item, rows: torch.Tensor) -> float:
 def layer_error(maps: FeatureMaps, calls: list, chunk_size: int = 64) -> float:
     """Relative output error of ``maps`` over ``calls`` through the deployed path (padded query
     rows of self-attention left out)."""
-    num = den = 0.0
+    from ...calibrate.measure import output_error
+
     with torch.no_grad():
-        for c in calls:
-            out = linear_forward(c.q, c.k, c.v, c.mask, c.scale, c.is_causal, maps.kind, maps.tensors(c.q.device),
-                                 maps.local_window, maps.sink_tokens, chunk_size).double()
-            ref = c.out.double()
-            diff = out - ref
-            w = _row_mask(c)
-            if w is not None:
-                diff, ref = diff * w, ref * w
-            num += float(diff.pow(2).sum())
-            den += float(ref.pow(2).sum())
-    if not math.isfinite(num):
-        return math.inf
-    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
-
-
-def _row_mask(c) -> Optional[torch.Tensor]:
-    if c.mask is None or c.q.shape[2] != c.k.shape[2]:
-        return None
-    m = as_4d(c.mask)
-    if m.shape[-2] != 1:
-        return None
-    keep = m if m.dtype == torch.bool else m > _MASKED_AT
-    return keep.transpose(-1, -2).double()
+        return output_error(calls, lambda c: linear_forward(
+            c.q, c.k, c.v, c.mask, c.scale, c.is_causal, maps.kind, maps.tensors(c.q.device), maps.local_window,
+            maps.sink_tokens, chunk_size))
 
 
 def fit_calls(calls: list, *, feature_map: Union[str, Sequence[str]] = "auto", loss: Union[str, Sequence[str]] = "auto",
