@@ -139,6 +139,35 @@ def test_dead_rows_see_the_window_and_the_expression():
     assert rel_err(fixed, ref) < TOL[torch.float64]
 
 
+@pytest.mark.parametrize("window,causal", [(None, False), (None, True), ((3, 0), True), ((2, 4), False)])
+def test_additive_biases_through_sdpa_equal_the_math_path_with_dead_rows_and_chunks(window, causal, monkeypatch):
+    """An additive bias (ALiBi-like plus a table with -inf entries) goes chunk by chunk to SDPA as
+    its mask; the same logits written as a non-additive expression take the softmax path. Both
+    equal eager, dead rows (every key padded or -inf) give 0, in several query chunks."""
+    from structattn.methods.exact import torch as exact_torch
+
+    monkeypatch.setattr(exact_torch, "CHUNK_ELEMS", B * H * N * 3)
+    q, k, v = _qkv()
+    table = torch.randn(N, dtype=torch.float64)
+    table[[1, 4]] = float("-inf")
+    pad = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    pad[1] = False
+    pad[1, ..., [1, 4, 9 if causal else 4]] = True   # batch 1: key 9 (finite) only under causality
+    keep = band(N, N, *(window or (None, None)), causal=causal) & pad
+    logits = lambda s: s + SLOPES.view(1, H, 1, 1) * IDX + table  # noqa: E731
+    keep_all = keep & (table > float("-inf"))
+    ref = eager(q, k, v, lambda s: logits(s).masked_fill(~keep_all, 0.0), keep_all)
+    dead = ~keep_all.expand(B, H, N, N).any(-1)
+    ref[dead] = 0.0
+    outs = [SF.exact_attention(q, k, v, attn_mask=pad, is_causal=causal, score_mod=text,
+                               score_tensors=[SLOPES, table], sliding_window=window)
+            for text in ("s + t0[h, 0] * k + t1[k]", "1.0 * s + t0[h, 0] * k + t1[k]")]
+    for out in outs:
+        assert torch.isfinite(out).all() and (out[dead] == 0).all()
+        assert rel_err(out, ref) < TOL[torch.float64]
+    assert dead.any() and not dead[0].any()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(score_mod="s + x"), "the name 'x'"),
     (dict(score_mod="s + t1[h]", score_tensors=[SLOPES]), "reads t1 but only 1"),

@@ -161,6 +161,17 @@ def split_key_bias(text: str) -> KeySplit:
     return KeySplit(rest_text, unparse(join(keys)) if keys else "")
 
 
+def is_additive(text: str) -> bool:
+    """Whether ``text`` is ``s + bias`` with a bias that does not read ``s`` (ALiBi, T5 buckets,
+    any tensor or position expression): its logits at ``s = 0`` are the bias, so a kernel can take
+    them as an additive mask."""
+    if not text:
+        return False
+    parts = summands(parse(text))
+    bare = [t for t in parts if isinstance(t, Var) and t.name == "s"]
+    return len(bare) == 1 and all("s" not in variables(t) for t in parts if t is not bare[0])
+
+
 def additive_tensor(text: str) -> Optional[tuple[int, tuple]]:
     """``(i, index)`` when ``text`` is ``s + t{i}[...]`` with the tensor read at the site's own
     index (each index ``b``/``h``/``q``/``k`` in order over its trailing dims, or 0 for a
