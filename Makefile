@@ -51,6 +51,7 @@ test-latest:
 
 bench: $(BENCH)
 	$(PY) benchmarks/cpu.py
+	$(PY) benchmarks/cpu_scoremods.py
 
 # whole models: SmolLM2 prefill 2K-16K, MiniLM 512, generate(); about two hours on 2 cores
 bench-e2e: $(BENCH)
