@@ -145,18 +145,26 @@ def score_mods() -> None:
             check(f"score mod {name}: {method} (k = N) causal fp32 N={N}", out, ref, 1e-4)
 
 
-def e2e(length: int) -> None:
-    """SmolLM2-135M's shape (30 layers, 9 heads / 3 kv heads, d 64) with random weights, bf16."""
+def e2e(length: int, family: str = "llama") -> None:
+    """SmolLM2-135M's shape (30 layers, 9 heads / 3 kv heads, d 64) with random weights, bf16;
+    ``family`` "gemma2": the same width as a Gemma-2 layout (soft-capping 50 on every layer, a
+    4096-token sliding window on every other one; eager attention, as the family needs for
+    soft-capping)."""
     import structattn
     from structattn.backend import register
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
     register()   # run from a source tree (PYTHONPATH=src): no installed entry point
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=length,
-                      rope_theta=100000.0, tie_word_embeddings=True)
+    width = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=length, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, length), device=DEV)
+    if family == "gemma2":
+        cfg = Gemma2Config(**width, head_dim=64, sliding_window=4096, attn_logit_softcapping=50.0,
+                           final_logit_softcapping=None, attn_implementation="eager")
+        model = Gemma2ForCausalLM(cfg)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**width, rope_theta=100000.0))
+    model = model.to(DEV, torch.bfloat16).eval()
+    ids = torch.randint(0, width["vocab_size"], (1, length), device=DEV)
     mra = {"method": "mra", "mra": {"block_size": 32, "blocks_per_row": 16, "sink_blocks": 1}}
     variants = {
         "uncompiled": model,
@@ -173,7 +181,7 @@ def e2e(length: int) -> None:
             first = time.time() - t0
             ms = bench(lambda: m(input_ids=ids))
             err = rel(out, ref)
-            RESULTS["e2e"].append({"variant": name, "length": length, "ms": ms, "first_call_s": first,
+            RESULTS["e2e"].append({"variant": f"{family} {name}", "length": length, "ms": ms, "first_call_s": first,
                                    "logits_rel_err_vs_uncompiled": err})
             log(f"e2e {name}: {ms:.2f} ms (first call {first:.1f} s), logits rel err {err:.2e}")
             if name.startswith("structattn"):
@@ -193,8 +201,9 @@ def table() -> str:
         lines.append(" | ".join(cells))
     bad = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
     lines.append(f"checks {len(RESULTS['checks']) - len(bad)}/{len(RESULTS['checks'])} ok" + (f"; BAD {bad}" if bad else ""))
-    base = next((r["ms"] for r in RESULTS["e2e"] if r["variant"] == "uncompiled"), None)
     for r in RESULTS["e2e"]:
+        base = next((x["ms"] for x in RESULTS["e2e"]
+                     if x["variant"] == r["variant"].split()[0] + " uncompiled" and x["length"] == r["length"]), None)
         lines.append(f"e2e {r['length']} {r['variant']}: {r['ms']:.2f} ms"
                      + (f" ({base / r['ms']:.2f}x uncompiled)" if base else "")
                      + f", logits err {r['logits_rel_err_vs_uncompiled']:.2e}, first call {r['first_call_s']:.0f} s")
@@ -207,6 +216,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4096,16384")
     ap.add_argument("--e2e-len", type=int, default=16384)
+    ap.add_argument("--e2e-models", default="llama", help="comma-separated: llama, gemma2")
     ap.add_argument("--deadline", type=float, default=200.0)
     ap.add_argument("--skip", default="")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
@@ -219,7 +229,8 @@ def main() -> None:
         if "kernels" not in skip:
             guarded("kernels", lambda: kernels([int(x) for x in a.sizes.split(",")], a.deadline))
         if "e2e" not in skip:
-            guarded("e2e", lambda: e2e(a.e2e_len))
+            for family in a.e2e_models.split(","):
+                guarded(f"e2e {family}", lambda: e2e(a.e2e_len, family))
     finally:
         t = table()
         with open(os.path.join(a.out, "gpu_methods.json"), "w") as f:
