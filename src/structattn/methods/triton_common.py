@@ -16,7 +16,9 @@
 * ``mods_reason`` / ``score_mod_args`` / ``window_meta``: a site's score modifications as a kernel
   takes them: the generated ``score_mod`` (a ``tl.constexpr`` function, ``scoremod.triton_gen``)
   with its captured-tensor arguments, and the sliding window as two ints plus two constexpr flags;
-  ``window_tiles``: the key tiles a row tile can see under ``is_causal`` and the window.
+  ``window_tiles``: the key tiles a row tile can see under ``is_causal`` and the window;
+  ``visible``: the causal / window part of a tile's mask; ``score_tile``: one key tile's logits
+  (scores, score_mod, mask), shared by the top-k and exact kernels.
 """
 from __future__ import annotations
 
@@ -233,3 +235,34 @@ def visible(ok, rm, rn, WL, WR, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_
     if HAS_WR:
         ok = ok & (rn[None, :] <= rm[:, None] + WR)
     return ok
+
+
+@triton.jit
+def score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
+               SCORE_MOD: tl.constexpr,
+               T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+               T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+               T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+               T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
+               DP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+               HAS_WR: tl.constexpr, DOT: tl.constexpr, BN: tl.constexpr):
+    """The logits of one key tile: scaled scores, the generated score_mod (query head ``h``, index
+    vectors ``rm`` / ``rn``), the mask, then causal / window / padding entries set to -inf."""
+    rn = n0 + tl.arange(0, BN)
+    rd = tl.arange(0, DP)
+    n_ok = rn < NK
+    kt = tl.load(k_base + rn[:, None] * skn + rd[None, :] * skd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT) * scale
+    s = SCORE_MOD(s, b, h, rm[:, None], rn[None, :],
+                  T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+                  T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+                  T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+                  T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3).to(tl.float32)
+    ok = visible(m_ok[:, None] & n_ok[None, :], rm, rn, WL, WR, CAUSAL, HAS_WL, HAS_WR)
+    if MASK_KIND == 1:
+        keep = tl.load(m_base + rm[:, None] * smq + rn[None, :] * smk, mask=ok, other=0)
+        ok = ok & (keep != 0)
+    if MASK_KIND == 2:
+        s = s + tl.load(m_base + rm[:, None] * smq + rn[None, :] * smk, mask=ok, other=0.0).to(tl.float32)
+    s = tl.where(ok, s, NEG_INF)
+    return s, rn, n_ok

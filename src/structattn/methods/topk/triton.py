@@ -43,7 +43,7 @@ from ..base import NO_MODS
 from ..common import interpreting, sizes
 from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, general_mask_view, input_reason,
                              inverse_or_zero, launch, mods_reason, next_pow2, online_softmax, score_mod_args,
-                             split_head, visible, window_meta, window_tiles)
+                             score_tile, split_head, window_meta, window_tiles)
 #: largest k the kernel selects in registers (a row holds the running top-KP and a tile of BN >= KP)
 MAX_K = 512
 HAS_TL_TOPK = hasattr(tl, "topk")
@@ -54,37 +54,6 @@ def selection_mode() -> int:
     if interpreting():
         return 2
     return 0 if HAS_TL_TOPK else 1
-
-
-@triton.jit
-def _scores(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
-            SCORE_MOD: tl.constexpr,
-            T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
-            T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
-            T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
-            T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
-            DP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
-            HAS_WR: tl.constexpr, DOT: tl.constexpr, BN: tl.constexpr):
-    """The logits of one key tile: scaled scores, the generated score_mod (query head ``h``, index
-    vectors ``rm`` / ``rn``), the mask, then causal / window / padding entries set to -inf."""
-    rn = n0 + tl.arange(0, BN)
-    rd = tl.arange(0, DP)
-    n_ok = rn < NK
-    kt = tl.load(k_base + rn[:, None] * skn + rd[None, :] * skd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(kt), input_precision=DOT) * scale
-    s = SCORE_MOD(s, b, h, rm[:, None], rn[None, :],
-                  T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
-                  T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
-                  T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
-                  T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3).to(tl.float32)
-    ok = visible(m_ok[:, None] & n_ok[None, :], rm, rn, WL, WR, CAUSAL, HAS_WL, HAS_WR)
-    if MASK_KIND == 1:
-        keep = tl.load(m_base + rm[:, None] * smq + rn[None, :] * smk, mask=ok, other=0)
-        ok = ok & (keep != 0)
-    if MASK_KIND == 2:
-        s = s + tl.load(m_base + rm[:, None] * smq + rn[None, :] * smk, mask=ok, other=0.0).to(tl.float32)
-    s = tl.where(ok, s, NEG_INF)
-    return s, rn, n_ok
 
 
 @triton.jit
@@ -153,7 +122,7 @@ def _topk_kernel(
     if SELECT:
         cur = tl.full([BM, KP], NEG_INF, tl.float32)
         for n0 in range(lo, hi, BN):
-            s, rn, n_ok = _scores(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
+            s, rn, n_ok = score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
                                   SCORE_MOD,
                                   T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
                                   T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
@@ -175,7 +144,7 @@ def _topk_kernel(
     lsum = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DVP], tl.float32)
     for n0 in range(lo, hi, BN):
-        s, rn, n_ok = _scores(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
+        s, rn, n_ok = score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
                               SCORE_MOD,
                               T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
                               T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
