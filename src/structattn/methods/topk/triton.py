@@ -171,8 +171,8 @@ def supports(q, k, v, attn_mask, is_causal, params, mods=NO_MODS) -> Optional[st
         return reason
     if params.k < 1:
         return "k must be >= 1"
-    if min(params.k, k.shape[2]) > MAX_K:
-        return f"k = {params.k} above the kernel's in-register limit of {MAX_K}"
+    if MAX_K < params.k < k.shape[2]:   # k >= Nk selects nothing (exact): any k is fine
+        return f"k = {params.k} above the kernel's in-register limit of {MAX_K} (Nk = {k.shape[2]})"
     return None
 
 
@@ -185,7 +185,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None, mods=NO_MODS
     B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     ksel = min(int(params.k), NK)
     select = ksel < NK
-    KP = next_pow2(ksel, 2)
+    KP = next_pow2(ksel, 2) if select else 2   # unused without selection: one compiled kernel for every k >= Nk
     DP, DVP = next_pow2(D), next_pow2(Dv)
     BN = max(KP, 64 if DP <= 64 else 32) if select else 64
     BN = max(BN, 16)
