@@ -33,7 +33,7 @@ from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, gene
 MAX_HEAD_DIM = 256
 
 
-@triton.autotune(configs=configs([(4, 2), (8, 2), (4, 3), (8, 3)]),
+@triton.autotune(configs=configs([(4, 2), (8, 3)]),
                  key=["NK", "DP", "DVP", "CAUSAL", "MASK_KIND", "HAS_WL", "HAS_WR", "BM", "BN"])
 @triton.jit
 def _exact_kernel(
