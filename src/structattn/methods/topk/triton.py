@@ -123,12 +123,12 @@ def _topk_kernel(
         cur = tl.full([BM, KP], NEG_INF, tl.float32)
         for n0 in range(lo, hi, BN):
             s, rn, n_ok = score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
-                                  SCORE_MOD,
-                                  T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
-                                  T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
-                                  T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
-                                  T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
-                                  DP, MASK_KIND, CAUSAL, HAS_WL, HAS_WR, DOT, BN)
+                                     SCORE_MOD,
+                                     T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+                                     T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+                                     T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+                                     T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
+                                     DP, MASK_KIND, CAUSAL, HAS_WL, HAS_WR, DOT, BN)
             # a tile changes the running top-KP only if some score beats the row's current KP-th
             if tl.max(tl.sum((s > tl.min(cur, 1)[:, None]).to(tl.int32), 1), 0) > 0:
                 if BN > KP:
@@ -145,12 +145,12 @@ def _topk_kernel(
     acc = tl.zeros([BM, DVP], tl.float32)
     for n0 in range(lo, hi, BN):
         s, rn, n_ok = score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
-                              SCORE_MOD,
-                              T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
-                              T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
-                              T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
-                              T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
-                              DP, MASK_KIND, CAUSAL, HAS_WL, HAS_WR, DOT, BN)
+                                 SCORE_MOD,
+                                 T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+                                 T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+                                 T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+                                 T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
+                                 DP, MASK_KIND, CAUSAL, HAS_WL, HAS_WR, DOT, BN)
         # NaN scores always count (they make the row NaN, like torch.topk ranking NaN first)
         s = tl.where((s >= thr[:, None]) | (s != s), s, NEG_INF)
         m, alpha, p, lsum = online_softmax(m, lsum, s)
@@ -208,7 +208,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None, mods=NO_MODS
         q, k, v, margs, out,
         *q.stride(), *k.stride(), *v.stride(), *sm, *out.stride(),
         H, G, NQ, NK, D, Dv, ksel, float(scale), window["WL"], window["WR"], score_mod, *mod_args,
-        HAS_WL=window["HAS_WL"], HAS_WR=window["HAS_WR"], DP=DP, DVP=DVP, MASK_KIND=kind, CAUSAL=bool(is_causal), SELECT=select, KP=KP,
-        SEL=selection_mode(), DOT=dot_precision(q.dtype), BM=BM, BN=BN,
+        HAS_WL=window["HAS_WL"], HAS_WR=window["HAS_WR"], DP=DP, DVP=DVP, MASK_KIND=kind,
+        CAUSAL=bool(is_causal), SELECT=select, KP=KP, SEL=selection_mode(), DOT=dot_precision(q.dtype), BM=BM, BN=BN,
     )
     return out
