@@ -12,7 +12,7 @@ from testlib import TOL, check_rows, make_qkv, rel_err
 def test_registry():
     kernels = {name: m.kernel_module for name, m in REGISTRY.items() if m.kernel_module}
     assert kernels == {name: f"structattn.methods.{name}.triton"
-                       for name in ("monarch", "mra", "topk", "linear", "routing")}
+                       for name in ("exact", "monarch", "mra", "topk", "linear", "routing")}
 
 
 @pytest.mark.parametrize("fn,kw", [

@@ -43,3 +43,10 @@ def test_transposed_views_and_dead_rows():
     check_rows(out, naive.forward(q, k, v, mask, 0.25, False, p), torch.float32)
     ref = naive.forward(q, k, v, mask, 0.25, False, p)
     assert rel_err(torch_path_f64("topk", q, k, v, mask, 0.25, False, p), ref) < 1e-12
+
+
+def test_k_above_the_register_limit_is_refused_only_when_it_selects():
+    q, k, v = make_qkv(1, 2, 2, 8, 600, 16, 16, torch.float32)
+    assert "in-register limit of 512" in K.supports(q, k, v, None, False, TopkParams(k=513))
+    assert K.supports(q, k, v, None, False, TopkParams(k=600)) is None     # k >= Nk: exact, no selection
+    assert K.supports(q, k, v, None, False, TopkParams(k=512)) is None

@@ -25,6 +25,12 @@ CASES = {
     "s - t0[h, 0] * abs(q - k)": S - SLOPES.view(1, H, 1, 1) * (qi - ki).abs(),
     "s + t1[t0[q, k], h]": S + TABLE[REL].permute(2, 0, 1)[None],
     "where(k <= q, s, -1e9)": torch.where(ki <= qi, S, torch.tensor(-1e9)),
+    # an integer bucket index: abs keeps it an integer (the generated code must too)
+    "s + t0[where(k > q, 8, 0) + min(abs(k - q) // 2, 7), h]": (
+        S + TABLE[torch.where(ki > qi, 8, 0)
+                  + torch.div((ki - qi).abs(), 2, rounding_mode="floor").clamp(max=7)].permute(2, 0, 1)[None]),
+    "s + t0[min(abs(k - q) // 2, 7) + 8, h]": (
+        S + TABLE[torch.div((ki - qi).abs(), 2, rounding_mode="floor").clamp(max=7) + 8].permute(2, 0, 1)[None]),
     "where((k > q - 3) and (k <= q), s, float('-inf'))": None,   # refused: a string constant
     "max(min(s, 2.0), -2.0) + clamp(s, -1, 1)": S.clamp(-2, 2) + S.clamp(-1, 1),
     "s * sigmoid(float(h)) - (k - q) // 2 + (k - q) % 3 + sqrt(abs(s)) + exp(-s * s) + s ** 2": (
@@ -37,6 +43,8 @@ CASES = {
 
 
 def _tensors(text):
+    if "abs(k - q) // 2" in text:
+        return [TABLE]
     return [TABLE, REL] if "t1[t0" in text else [SLOPES] if "t0" in text else []
 
 

@@ -6,7 +6,9 @@ symbolic shapes and an autograd formula that calls ``structattn::<name>_attentio
 op body dispatches at run time (``run_method``): sequences shorter than ``min_seq_len`` go exact;
 CUDA tensors go to the method's Triton module (``Method.kernel_module``) when it has one and its
 run-time ``supports`` accepts the inputs (``impl="auto"``); everything else runs the method's
-plain-torch ``forward``. A method with ``takes_tensors`` (see ``methods.base``) has one more
+plain-torch ``forward``. Exact sites without score modifications always run SDPA (whatever
+``impl``); exact sites with some use exact's Triton kernel like any method. The exact fallback of
+a short sequence (``min_seq_len``) never raises for ``impl="triton"``: it dispatches as "auto". A method with ``takes_tensors`` (see ``methods.base``) has one more
 argument, ``Tensor[] tensors`` (its per-site constants, e.g. fitted weights), handed to its
 ``forward`` / kernel as trailing positional arguments; they get no gradient. The op contract
 is in docs/architecture.md.
@@ -128,6 +130,7 @@ def run_method(method: Method, q, k, v, attn_mask, scale: float, is_causal: bool
     mods = NO_MODS if mods is None else mods
     if k.shape[-2] < min_seq_len:
         method, params, tensors = get_method("exact"), get_method("exact").Params(), ()
+        impl = "auto" if impl == "triton" else impl   # the fallback is not the kernel that was asked for
     kernel = _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params, mods)
     if kernel is not None:
         if mods.empty:
@@ -142,7 +145,7 @@ def run_method(method: Method, q, k, v, attn_mask, scale: float, is_causal: bool
 def _pick_kernel(method, q, k, v, attn_mask, is_causal, impl, params, mods=NO_MODS):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    if impl == "torch" or method.name == "exact":   # exact: SDPA has its own kernels everywhere
+    if impl == "torch" or (method.name == "exact" and mods.empty):   # SDPA has its own kernels everywhere
         return None
     if impl == "auto" and not q.is_cuda:
         return None

@@ -12,7 +12,13 @@
 * ``input_reason``: the run-time checks every kernel shares (device, dtype, head size);
 * ``key_bias_view``: a key-padding mask as a float32 [B, H, Nk] *view* (broadcast dims get stride 0);
 * ``general_mask_view``: any SDPA mask as a [B, H, Nq, Nk] view plus its kind (bool / additive);
-* ``empty_output``: SDPA's result for inputs with an empty dimension (no launch).
+* ``empty_output``: SDPA's result for inputs with an empty dimension (no launch);
+* ``mods_reason`` / ``score_mod_args`` / ``window_meta``: a site's score modifications as a kernel
+  takes them: the generated ``score_mod`` (a ``tl.constexpr`` function, ``scoremod.triton_gen``)
+  with its captured-tensor arguments, and the sliding window as two ints plus two constexpr flags;
+  ``window_tiles``: the key tiles a row tile can see under ``is_causal`` and the window;
+  ``visible``: the causal / window part of a tile's mask; ``score_tile``: one key tile's logits
+  (scores, score_mod, mask), shared by the top-k and exact kernels.
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .base import empty_result
+from ..scoremod.triton_gen import KERNEL_DIMS, KERNEL_TENSORS, kernel_args, triton_score_mod
+from .base import ScoreMods, empty_result
 from .common import MASKED, as_4d, as_additive, interpreting
 
 #: mask kinds passed to kernels as a constexpr
@@ -156,3 +163,106 @@ def launch(kernel, grid, tune_key: tuple, *args, **meta):
             _BEST[k] = best
         return out
     return kernel.fn[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# score modifications
+# --------------------------------------------------------------------------------------------
+#: number of trailing score_mod arguments after ``s, b, h, q, k`` (pointer, strides, sizes per tensor)
+SCORE_MOD_ARGS = KERNEL_TENSORS * (1 + 2 * KERNEL_DIMS)
+
+
+def mods_reason(q: torch.Tensor, mods: ScoreMods) -> Optional[str]:
+    """Why the kernels cannot apply ``mods`` to these inputs (too many or too wide captured tensors,
+    a tensor on another device, an expression the generator cannot emit), or None."""
+    if len(mods.tensors) > KERNEL_TENSORS:
+        return (f"{len(mods.tensors)} captured score tensors; the kernels pass at most {KERNEL_TENSORS}")
+    for i, t in enumerate(mods.tensors):
+        if t.device != q.device:
+            return f"captured score tensor t{i} is on {t.device}, the inputs on {q.device}"
+        if t.dim() > KERNEL_DIMS:
+            return f"captured score tensor t{i} has {t.dim()} dims; the kernels index at most {KERNEL_DIMS}"
+        if t.is_complex():
+            return f"captured score tensor t{i} is {t.dtype}; the kernels read real and integer tensors"
+    try:
+        triton_score_mod(mods.text)
+    except ValueError as exc:
+        return f"the score modification cannot be generated: {exc}"
+    return None
+
+
+def score_mod_args(mods: ScoreMods, like: torch.Tensor) -> tuple:
+    """``(SCORE_MOD, args)``: the generated ``score_mod`` for ``mods.text`` and its
+    ``SCORE_MOD_ARGS`` trailing arguments. Without an expression: the identity and ``None`` for
+    every argument (constexprs: the compiled kernel is the one without modifications)."""
+    if not mods.text:
+        return triton_score_mod(""), [None] * SCORE_MOD_ARGS
+    return triton_score_mod(mods.text), kernel_args(list(mods.tensors), like)
+
+
+def window_meta(mods: ScoreMods) -> dict:
+    """The window as kernel arguments: ``WL`` / ``WR`` (-1 unbounded) and the constexpr flags
+    ``HAS_WL`` / ``HAS_WR`` (False compiles the bound out)."""
+    return dict(WL=int(mods.window_left), WR=int(mods.window_right),
+                HAS_WL=mods.window_left >= 0, HAS_WR=mods.window_right >= 0)
+
+
+@triton.jit
+def window_tiles(row0, rows, NK, WL, WR, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+                 BN: tl.constexpr):
+    """``(lo, hi)``: the keys ``[lo, hi)`` that query rows ``row0 .. row0 + rows - 1`` can see under
+    ``is_causal`` (top-left) and the window; ``lo`` rounded down to a multiple of BN (tiles stay
+    aligned). ``hi <= lo`` when no key is visible."""
+    hi = NK
+    if CAUSAL:
+        hi = tl.minimum(hi, row0 + rows)
+    if HAS_WR:
+        hi = tl.minimum(hi, row0 + rows + WR)
+    lo = 0
+    if HAS_WL:
+        lo = tl.maximum(row0 - WL, 0) // BN * BN
+    return lo, hi
+
+
+@triton.jit
+def visible(ok, rm, rn, WL, WR, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """``ok`` [rows, cols] narrowed to the entries that ``is_causal`` and the window leave visible
+    (query ``rm[i]``, key ``rn[j]``)."""
+    if CAUSAL:
+        ok = ok & (rn[None, :] <= rm[:, None])
+    if HAS_WL:
+        ok = ok & (rn[None, :] >= rm[:, None] - WL)
+    if HAS_WR:
+        ok = ok & (rn[None, :] <= rm[:, None] + WR)
+    return ok
+
+
+@triton.jit
+def score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
+               SCORE_MOD: tl.constexpr,
+               T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+               T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+               T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+               T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
+               DP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+               HAS_WR: tl.constexpr, DOT: tl.constexpr, BN: tl.constexpr):
+    """The logits of one key tile: scaled scores, the generated score_mod (query head ``h``, index
+    vectors ``rm`` / ``rn``), the mask, then causal / window / padding entries set to -inf."""
+    rn = n0 + tl.arange(0, BN)
+    rd = tl.arange(0, DP)
+    n_ok = rn < NK
+    kt = tl.load(k_base + rn[:, None] * skn + rd[None, :] * skd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT) * scale
+    s = SCORE_MOD(s, b, h, rm[:, None], rn[None, :],
+                  T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+                  T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+                  T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+                  T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3).to(tl.float32)
+    ok = visible(m_ok[:, None] & n_ok[None, :], rm, rn, WL, WR, CAUSAL, HAS_WL, HAS_WR)
+    if MASK_KIND == 1:
+        keep = tl.load(m_base + rm[:, None] * smq + rn[None, :] * smk, mask=ok, other=0)
+        ok = ok & (keep != 0)
+    if MASK_KIND == 2:
+        s = s + tl.load(m_base + rm[:, None] * smq + rn[None, :] * smk, mask=ok, other=0.0).to(tl.float32)
+    s = tl.where(ok, s, NEG_INF)
+    return s, rn, n_ok

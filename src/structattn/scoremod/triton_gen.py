@@ -53,7 +53,7 @@ def score_mod(s, b, h, q, k, {params}):
     return {body}
 '''
 
-_UNARY = {"exp": "tl.exp", "log": "tl.log", "abs": "tl.abs", "sqrt": "tl.sqrt", "sigmoid": "tl.sigmoid",
+_UNARY = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "sigmoid": "tl.sigmoid",
           "floor": "tl.floor", "ceil": "tl.ceil", "tanh": "_tanh"}
 _LOADED: dict = {}
 
@@ -122,6 +122,8 @@ def _emit(tree: Node) -> str:
             return f"(({a}) * 1.0 / ({c}))"
         return f"({a} {tree.op} {c})"
     args = [_emit(x) for x in tree.args]
+    if tree.fn == "abs":   # keeps integers integers (bucket indices such as abs(k - q) // 2)
+        return f"tl.abs({args[0]})"
     if tree.fn in _UNARY:
         return f"{_UNARY[tree.fn]}(({args[0]}) * 1.0)"
     if tree.fn == "float":

@@ -8,8 +8,14 @@ Each program owns BM query rows of one (batch, head) and makes two passes over t
 2. **flash pass**: the scores are recomputed and an online softmax runs over those with
    ``score >= thr`` (masked scores are -inf and never count), accumulating P V.
 
+Score modifications: the generated ``score_mod`` of the site (``scoremod.triton_gen``, a
+``tl.constexpr`` argument with its captured tensors' pointers, strides and sizes) maps each scaled
+score to its logit before the mask, so both passes rank and softmax the modified logits. Without
+modifications it is the identity and its arguments are ``None``: the kernel compiles as before.
+
 Masks: none, bool (True = keep) or additive, any broadcast of [B, H, Nq, Nk] (read through strides,
-never expanded), plus SDPA's top-left ``is_causal`` (tiles past the diagonal are skipped). When
+never expanded), plus SDPA's top-left ``is_causal`` and the sliding window ``WL`` / ``WR`` (hard
+masks; key tiles wholly outside them are skipped, so a band of width w costs O(N w)). When
 k >= Nk the selection pass is compiled out (exact attention).
 
 Tie rule: every key whose score equals the threshold is kept, so a row with ties at its k-th
@@ -33,9 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..base import NO_MODS
 from ..common import interpreting, sizes
 from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, general_mask_view, input_reason,
-                             inverse_or_zero, launch, next_pow2, online_softmax, split_head)
+                             inverse_or_zero, launch, mods_reason, next_pow2, online_softmax, score_mod_args,
+                             score_tile, split_head, window_meta, window_tiles)
 #: largest k the kernel selects in registers (a row holds the running top-KP and a tile of BN >= KP)
 MAX_K = 512
 HAS_TL_TOPK = hasattr(tl, "topk")
@@ -46,27 +54,6 @@ def selection_mode() -> int:
     if interpreting():
         return 2
     return 0 if HAS_TL_TOPK else 1
-
-
-@triton.jit
-def _scores(q, k_base, m_base, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale,
-            DP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr,
-            BN: tl.constexpr):
-    rn = n0 + tl.arange(0, BN)
-    rd = tl.arange(0, DP)
-    n_ok = rn < NK
-    kt = tl.load(k_base + rn[:, None] * skn + rd[None, :] * skd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(kt), input_precision=DOT) * scale
-    ok = m_ok[:, None] & n_ok[None, :]
-    if CAUSAL:
-        ok = ok & (rn[None, :] <= rm[:, None])
-    if MASK_KIND == 1:
-        keep = tl.load(m_base + rm[:, None] * smq + rn[None, :] * smk, mask=ok, other=0)
-        ok = ok & (keep != 0)
-    if MASK_KIND == 2:
-        s = s + tl.load(m_base + rm[:, None] * smq + rn[None, :] * smk, mask=ok, other=0.0).to(tl.float32)
-    s = tl.where(ok, s, NEG_INF)
-    return s, rn, n_ok
 
 
 @triton.jit
@@ -97,7 +84,7 @@ def _top(x, KP: tl.constexpr, SEL: tl.constexpr):
 
 
 @triton.autotune(configs=configs([(4, 2), (8, 2)]),
-                 key=["NK", "DP", "DVP", "KP", "CAUSAL", "MASK_KIND", "SELECT", "BM", "BN"])
+                 key=["NK", "DP", "DVP", "KP", "CAUSAL", "MASK_KIND", "SELECT", "BM", "BN", "HAS_WL", "HAS_WR"])
 @triton.jit
 def _topk_kernel(
     Q, K, V, MASK, OUT,
@@ -106,7 +93,13 @@ def _topk_kernel(
     svb, svh, svn, svd,
     smb, smh, smq, smk,
     sob, soh, son, sod,
-    H, G, NQ, NK, D, DV, KSEL, scale,
+    H, G, NQ, NK, D, DV, KSEL, scale, WL, WR,
+    SCORE_MOD: tl.constexpr,
+    T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+    T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+    T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+    T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     DP: tl.constexpr, DVP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
     SELECT: tl.constexpr, KP: tl.constexpr, SEL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
@@ -123,17 +116,19 @@ def _topk_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_base = MASK + b * smb + h * smh
-    if CAUSAL:
-        hi = tl.minimum(NK, (pid_m + 1) * BM)
-    else:
-        hi = NK
+    lo, hi = window_tiles(pid_m * BM, BM, NK, WL, WR, CAUSAL, HAS_WL, HAS_WR, BN)
 
     thr = tl.full([BM], NEG_INF, tl.float32)
     if SELECT:
         cur = tl.full([BM, KP], NEG_INF, tl.float32)
-        for n0 in range(0, hi, BN):
-            s, rn, n_ok = _scores(q, k_base, m_base, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale,
-                                  DP, MASK_KIND, CAUSAL, DOT, BN)
+        for n0 in range(lo, hi, BN):
+            s, rn, n_ok = score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
+                                     SCORE_MOD,
+                                     T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+                                     T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+                                     T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+                                     T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
+                                     DP, MASK_KIND, CAUSAL, HAS_WL, HAS_WR, DOT, BN)
             # a tile changes the running top-KP only if some score beats the row's current KP-th
             if tl.max(tl.sum((s > tl.min(cur, 1)[:, None]).to(tl.int32), 1), 0) > 0:
                 if BN > KP:
@@ -148,9 +143,14 @@ def _topk_kernel(
     m = tl.full([BM], NEG_INF, tl.float32)
     lsum = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DVP], tl.float32)
-    for n0 in range(0, hi, BN):
-        s, rn, n_ok = _scores(q, k_base, m_base, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale,
-                              DP, MASK_KIND, CAUSAL, DOT, BN)
+    for n0 in range(lo, hi, BN):
+        s, rn, n_ok = score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
+                                 SCORE_MOD,
+                                 T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+                                 T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+                                 T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+                                 T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
+                                 DP, MASK_KIND, CAUSAL, HAS_WL, HAS_WR, DOT, BN)
         # NaN scores always count (they make the row NaN, like torch.topk ranking NaN first)
         s = tl.where((s >= thr[:, None]) | (s != s), s, NEG_INF)
         m, alpha, p, lsum = online_softmax(m, lsum, s)
@@ -163,28 +163,29 @@ def _topk_kernel(
              mask=m_ok[:, None] & (rdv < DV)[None, :])
 
 
-def supports(q, k, v, attn_mask, is_causal, params) -> Optional[str]:
+def supports(q, k, v, attn_mask, is_causal, params, mods=NO_MODS) -> Optional[str]:
     """Run-time check of the kernel on concrete inputs (reached through the kernel dispatch): why it
     cannot take them, or None."""
-    reason = input_reason(q, v)
+    reason = input_reason(q, v) or (mods_reason(q, mods) if not mods.empty else None)
     if reason:
         return reason
     if params.k < 1:
         return "k must be >= 1"
-    if min(params.k, k.shape[2]) > MAX_K:
-        return f"k = {params.k} above the kernel's in-register limit of {MAX_K}"
+    if MAX_K < params.k < k.shape[2]:   # k >= Nk selects nothing (exact): any k is fine
+        return f"k = {params.k} above the kernel's in-register limit of {MAX_K} (Nk = {k.shape[2]})"
     return None
 
 
-def forward(q, k, v, attn_mask, scale, is_causal, params, out=None):
-    """Top-k attention (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*]; writes ``out`` when given."""
+def forward(q, k, v, attn_mask, scale, is_causal, params, out=None, mods=NO_MODS):
+    """Top-k attention (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*] with the score
+    modifications ``mods``; writes ``out`` when given."""
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
     B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
     ksel = min(int(params.k), NK)
     select = ksel < NK
-    KP = next_pow2(ksel, 2)
+    KP = next_pow2(ksel, 2) if select else 2   # unused without selection: one compiled kernel for every k >= Nk
     DP, DVP = next_pow2(D), next_pow2(Dv)
     BN = max(KP, 64 if DP <= 64 else 32) if select else 64
     BN = max(BN, 16)
@@ -197,14 +198,17 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None):
     sm = mview.stride() if mview is not None else (0, 0, 0, 0)
     if out is None:
         out = torch.empty(B, H, NQ, Dv, device=q.device, dtype=q.dtype)
+    score_mod, mod_args = score_mod_args(mods, q)
+    window = window_meta(mods)
     grid = (triton.cdiv(NQ, BM), B * H)
-    tk = (q.dtype, NK, D, Dv, KP, bool(is_causal), kind, select, BM, BN)
+    tk = (q.dtype, NK, D, Dv, KP, bool(is_causal), kind, select, BM, BN, mods.text, window["HAS_WL"],
+          window["HAS_WR"])
     launch(
         _topk_kernel, grid, tk,
         q, k, v, margs, out,
         *q.stride(), *k.stride(), *v.stride(), *sm, *out.stride(),
-        H, G, NQ, NK, D, Dv, ksel, float(scale),
-        DP=DP, DVP=DVP, MASK_KIND=kind, CAUSAL=bool(is_causal), SELECT=select, KP=KP,
-        SEL=selection_mode(), DOT=dot_precision(q.dtype), BM=BM, BN=BN,
+        H, G, NQ, NK, D, Dv, ksel, float(scale), window["WL"], window["WR"], score_mod, *mod_args,
+        HAS_WL=window["HAS_WL"], HAS_WR=window["HAS_WR"], DP=DP, DVP=DVP, MASK_KIND=kind,
+        CAUSAL=bool(is_causal), SELECT=select, KP=KP, SEL=selection_mode(), DOT=dot_precision(q.dtype), BM=BM, BN=BN,
     )
     return out
