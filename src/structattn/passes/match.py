@@ -254,9 +254,9 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
             return _score_chain(m, x, post_scale, factors)
         if name in ("mul", "div"):
             a, b = call.get("input"), call.get("other")
-            chain, factor = (a, b) if a is _prev(x, a, b) else (b, a)
+            chain, factor = (a, b) if a is _prev(m, a, b) else (b, a)
             if name == "div" and chain is not a:
-                return "the scores are a divisor (c / scores), not scaled"
+                return _score_chain(m, x, post_scale, factors)     # c / scores: an element-wise chain
             number = constant_number(factor)
             if number is not None:
                 number = 1.0 / number if name == "div" else number
@@ -277,12 +277,12 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
         if name in ("add", "sub"):
             # add(input, other, alpha) = input + alpha * other; sub likewise with a minus
             a, b = call.get("input"), call.get("other")
-            chain, mask = (a, b) if a is _prev(x, a, b) else (b, a)
+            chain, mask = (a, b) if a is _prev(m, a, b) else (b, a)
             alpha = constant_number(call.get("alpha", 1.0))
             if alpha is None:
                 return f"torch.{name} on the scores with a non-constant alpha"
             if name == "sub" and chain is not a:
-                return "the scores are subtracted from something (c - scores)"
+                return _score_chain(m, x, post_scale, factors)     # c - scores: an element-wise chain
             if chain is b:
                 if not alpha > 0:
                     return f"the scores are scaled by alpha={alpha}, not a positive number"
@@ -348,12 +348,20 @@ def _score_chain(m: Match, top: Node, post_scale: float, factors: tuple) -> Opti
 _CHAIN_OPS = ("matmul", "einsum", "baddbmm", "mul", "div", "add", "sub", "masked_fill", "where", "reshape") + _PASS_THROUGH
 
 
-def _prev(x: Node, a: Any, b: Any) -> Any:
-    """Which argument of the binary op ``x`` continues the score chain: the one from which
-    single-user scale/mask/cast steps lead back to a matmul (the other is a mask or a factor)."""
+def _prev(m: Match, a: Any, b: Any) -> Any:
+    """Which argument ``a`` or ``b`` of a binary op on the scores continues the score chain: the
+    one from which single-user scale/mask/cast steps lead back to a matmul (the other is a mask or
+    a factor); else the one computed from the scores through other element-wise ops (``20 *
+    tanh(s / 20)``: the chain is the tanh, whichever side it is written on)."""
     if _leads_to_scores(a):
         return a
     if _leads_to_scores(b):
+        return b
+    from .terms import find_root
+
+    qk = tuple(m.scores_shape[-2:])
+    if not (isinstance(a, Node) and find_root(a, qk)[0] is not None) and isinstance(b, Node) \
+            and find_root(b, qk)[0] is not None:
         return b
     return a
 
