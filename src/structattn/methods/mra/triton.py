@@ -365,8 +365,10 @@ def _mra_kernel(
 def supports(q, k, v, attn_mask, is_causal, params, mods=NO_MODS) -> Optional[str]:
     """Run-time check of the kernels on concrete inputs (reached through the kernel dispatch): why
     they cannot take them, or None. Score modifications: a constant scale and key-only biases
-    (``common.fold_key_bias``), which reach the kernels as their key-padding bias."""
-    reason = input_reason(q, v) or key_bias_mods_reason("mra", mods)
+    (``common.fold_key_bias``), which reach the kernels as their key-padding bias; the others
+    (soft-capping, relative / general biases, chains, windows) only the torch path applies."""
+    reason = input_reason(q, v) or key_bias_mods_reason(
+        "the mra kernel", mods, "the torch path applies it (impl='torch'; impl='auto' falls back to it)")
     if reason:
         return reason
     if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1:
