@@ -4,7 +4,7 @@ with a key-only expression equals MRA with the same bias as an additive key-padd
 general torch path and the fused CPU path alike. Every other term (soft-capping, relative and
 general biases, chains, sliding windows) runs on the torch path, which matches the float64
 reference below the exact limit and eager at it (every candidate block selected); the Triton
-kernel refuses them with its reason."""
+forward kernel runs them as a generated score_mod (interpreter tests)."""
 from __future__ import annotations
 
 import math
@@ -198,14 +198,21 @@ def test_gradients_reach_the_expression_tensors_and_equal_eager_at_the_limit():
         assert rel_err(a, b) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["softcap", "relative_table", "window_left"])
-def test_the_kernel_refuses_what_only_the_torch_path_applies(name):
+@pytest.mark.parametrize("name,causal", [("softcap_window", True), ("relative_table", False)])
+def test_the_kernel_generates_the_score_mod_like_the_torch_path(name, causal):
+    # selection on the torch path, the rest of the expression generated into the forward kernel
     q, k, v = _qkv(dtype=torch.float32)
-    text = TERMS[name][0]
-    with pytest.raises(ValueError, match="mra"):
-        _mra(q, k, v, name, True, 2, impl="triton")
-    assert rel_err(_mra(q, k, v, name, True, 2, impl="auto"), _mra(q, k, v, name, True, 2, impl="torch")) == 0
-    assert text or TERMS[name][2]
+    out = _mra(q, k, v, name, causal, 2, impl="triton")
+    assert rel_err(out, _mra(q, k, v, name, causal, 2, impl="torch")) < 1e-5
+
+
+def test_the_kernel_refuses_what_it_cannot_generate_with_the_reason():
+    q, k, v = _qkv(dtype=torch.float32)
+    text = "s + t0[h, 0] * t1[h, 0] * t2[h, 0] * t3[h, 0] * t4[h, 0] * (k - q) * s"
+    kw = dict(is_causal=True, block_size=4, blocks_per_row=2, score_mod=text, score_tensors=[SLOPES.float()] * 5)
+    with pytest.raises(ValueError, match="mra kernel passes at most 4 captured tensors"):
+        SF.mra_attention(q, k, v, impl="triton", **kw)
+    assert rel_err(SF.mra_attention(q, k, v, impl="auto", **kw), SF.mra_attention(q, k, v, impl="torch", **kw)) == 0
 
 
 @pytest.mark.parametrize("text,window", [("30.0 * tanh(s / 30.0)", None), ("s - t0[h, 0] * abs(q - k)", None),
