@@ -106,6 +106,7 @@ TERMS = {
     "window_left": ("", (), (9, 0), lambda s: s),
     "window_both": ("", (), (6, 5), lambda s: s),
     "softcap_window": ("5.0 * tanh(s / 5.0)", (), (6, 2), lambda s: 5.0 * torch.tanh(s / 5.0)),
+    "alibi_window": (ALIBI, (SLOPES,), (9, 0), lambda s: s + SLOPES.view(1, H, 1, 1) * REL),
 }
 
 

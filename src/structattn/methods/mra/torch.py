@@ -34,11 +34,13 @@ class MraSelection(NamedTuple):
         causal diagonal first). Slots with ``block_valid`` False are unused (their index is some
         in-range block and must be ignored).
     block_valid: bool [B, H, Mq, r].
-    lowres: [B, H, Mq, Mk] selection scores ``s * qhat khat^T + block_lse - log(count)`` of
-        candidate blocks, -inf for non-candidates (differentiable in q and k); None from the
-        Triton selection.
-    pooled_logits: [B, H, Mq, Mk] the "mra2" low-resolution branch: ``s * qhat khat^T + block_lse``
-        for unselected candidates, -inf for selected blocks and non-candidates.
+    lowres: [B, H, Mq, Mk] selection scores ``g(s * qhat khat^T) + block_lse - log(count)`` of
+        candidate blocks, -inf for non-candidates (differentiable in q and k); ``g`` is the score
+        modification at the blocks' mean positions (identity without one); None from the Triton
+        selection.
+    pooled_logits: [B, H, Mq, Mk] the "mra2" low-resolution branch: ``g(s * qhat khat^T) +
+        block_lse`` for unselected candidates that no window cuts, -inf for selected blocks, cut
+        blocks and non-candidates.
     key_bias: additive key bias [Bm, Hm, Mk*b] (Bm in {1,B}, Hm in {1,H}; padded keys -inf), or
         None when there is neither a mask nor padding.
     block_lse: [Bm, Hm, Mk] logsumexp of each block's key biases (``log(count)`` for 0 / -inf
