@@ -278,7 +278,6 @@ def fold_key_bias(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Te
     constant factor on ``s`` folded into ``scale``. ValueError naming ``what`` when ``mods`` is not
     of that form."""
     from ..scoremod.analysis import split_key_bias
-    from ..scoremod.evaluate import apply_score_mod
 
     if mods.empty:
         return attn_mask, scale
@@ -287,21 +286,31 @@ def fold_key_bias(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Te
         raise ValueError(reason)
     split = split_key_bias(mods.text)
     scale = scale * _score_factor(split.rest)
-    if not split.key_bias:
-        return attn_mask, scale
+    return with_key_bias(q, k, attn_mask, split.key_bias, mods.tensors, dtype, what), scale
+
+
+def with_key_bias(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], key_bias: str, tensors,
+                  dtype: torch.dtype, what: str) -> Optional[torch.Tensor]:
+    """The key-padding mask ``attn_mask`` plus the key bias expression ``key_bias`` (it reads b, h,
+    k and ``tensors``, no score and no query) evaluated to ``[B, H, 1, Nk]``, as one additive mask
+    in ``dtype`` (masked keys stay -inf); ``attn_mask`` itself when ``key_bias`` is ''."""
+    from ..scoremod.evaluate import apply_score_mod
+
+    if not key_bias:
+        return attn_mask
     B, H, Nk = q.shape[0], q.shape[1], k.shape[2]
     dev = q.device
     bias = apply_score_mod(
-        split.key_bias, torch.zeros(B, H, 1, Nk, dtype=dtype, device=dev),
+        key_bias, torch.zeros(B, H, 1, Nk, dtype=dtype, device=dev),
         b=torch.arange(B, device=dev).view(B, 1, 1, 1), h=torch.arange(H, device=dev).view(1, H, 1, 1),
-        q=0, k=torch.arange(Nk, device=dev).view(1, 1, 1, Nk), tensors=mods.tensors)
+        q=0, k=torch.arange(Nk, device=dev).view(1, 1, 1, Nk), tensors=tensors)
     padding = key_padding_bias(attn_mask, Nk, Nk, dtype, dev, what)
     if padding is not None:
         padding = padding.unsqueeze(2)
         # masked keys take the mask itself: no gradient reaches the expression's tensors through
         # them (a method's backward may hold NaN at keys of no weight, and where() drops it)
         bias = torch.where(padding == MASKED, padding, bias + padding)
-    return bias, scale
+    return bias
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .canonical import erase_dead, functionalize_inplace
 from .cost import auto_min_seq_len, cost_reason
 from .expand import expand_fused_modules
 from .masks import plan_mask
-from .terms import biases_into_mod, implied_window, site_terms
+from .terms import biases_into_mod, implied_window, site_terms, window_plan
 from .match import Match, find_sites
 from .rewrite import rewrite_site
 from .shield import shield_softmax
@@ -90,8 +90,13 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.reason, site.scale = f"not rewritten: {plan.reason}", None
         return site
     plan = biases_into_mod(m, plan)
-    if plan.kind == "general" and not resolved.causal:
-        # (a declared causal mask replaces the mask, and the window it implied with it)
+    # (a declared causal mask replaces the mask, and the window it implied with it)
+    proven = window_plan(plan) if plan.kind == "general" and not resolved.causal else None
+    if proven is not None:
+        # a general mask proven to be exactly causal & window: the op gets is_causal and the window
+        plan, m.window = proven
+        m.masks = []
+    elif plan.kind == "general" and not resolved.causal:
         m.window = implied_window(plan)
     kind = plan.kind
     if resolved.causal and kind == "general":

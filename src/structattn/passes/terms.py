@@ -339,6 +339,64 @@ def implied_window(plan) -> tuple[int, int]:
     return (left, right) if left >= 0 else (-1, -1)
 
 
+def window_plan(plan) -> Optional[tuple]:
+    """``(plan', (left, right))`` when the general mask of ``plan`` is PROVEN to be exactly a sliding
+    window (and causality): ``plan'`` is the causal (or unmasked) plan the op then gets, the
+    window goes to the op as its ``window_left`` / ``window_right``; None otherwise (the general
+    mask stays). Proven means: ONE mask term, ``where(C, 0, fill)`` added (fill <= -1e4) or a keep
+    condition ``C``, whose producer graph lifts to a conjunction of comparisons of ``k - q`` with
+    constants (and constants that are true) and reads no tensor: every term is explained
+    (``masked_fill(not C, fill)`` too). A
+    finite fill becomes the dead-row program (scope causal / window), so rows whose every key is
+    masked still get eager's answer. Masks of other forms (several terms, a key-padding
+    conjunct, a bound the op's window cannot express) keep the general mask (``implied_window``
+    then still tells the methods which keys can be skipped)."""
+    from .masks import MaskPlan, NEG_THRESHOLD
+
+    if len(plan.general) != 1 or plan.dead_rows and plan.causal:
+        return None
+    t = plan.general[0]
+    if t.factors or t.lead is not None or t.coef != 1.0:
+        return None
+    lifted = lift_bias(t.node, 1.0, 4, 0)
+    if lifted is None or lifted[1]:
+        return None
+    tree, fill = E.parse(lifted[0]), t.fill
+    if t.kind == "masked":          # masked_fill(not C, fill): C keeps
+        if not isinstance(tree, E.Not):
+            return None
+        tree = tree.value
+    if t.kind == "additive":
+        if not (isinstance(tree, E.Call) and tree.fn == "where" and tree.args[1] == E.Const(0)):
+            return None
+        fill = _number(tree.args[2])
+        if fill is None or fill > NEG_THRESHOLD:
+            return None
+        tree = tree.args[0]
+    lo = hi = None
+    for c in _conjuncts(tree):
+        if isinstance(c, E.Const) and c.value not in (0, False):
+            continue
+        bound = _difference_bound(c)
+        if bound is None:
+            return None
+        side, value = bound
+        if side == "lo":
+            lo = value if lo is None else max(lo, value)
+        else:
+            hi = value if hi is None else min(hi, value)
+    if plan.causal:
+        hi = 0 if hi is None else min(hi, 0)
+    if lo is None or lo > 0 or (hi is not None and hi < 0):
+        return None
+    causal = hi == 0
+    window = (-lo, -1 if hi is None else hi)      # (causal keeps right = 0: the same keys)
+    effective = t.effective(fill)
+    dead_rows = "" if effective == float("-inf") else \
+        f"{'c' if causal else ''}w:{'add' if t.kind == 'additive' else 'set'}:{effective!r}"
+    return MaskPlan("causal" if causal else "none", causal, (), (), dead_rows), window
+
+
 def _number(tree: E.Node) -> Optional[float]:
     if isinstance(tree, E.Const):
         return float(tree.value)

@@ -5,19 +5,22 @@ Queries and keys are cut into blocks of ``b``; each query block keeps the ``bloc
 best candidate key blocks exactly (the causal diagonal always), and in variant ``mra2`` every
 other candidate block contributes one pooled key (its bias-softmax-weighted mean), merged by
 log-sum-exp; ``mra2s`` keeps only the selected blocks. Exact when every key block is selected.
-Key-padding and causal masks; of the score modifications a constant scale and key-only biases
-(ALiBi included), taken like key padding (``common.fold_key_bias``). Cost O(N r b d). Derivation, limits and decisions:
-docs/methods/mra.md. Paths: ``torch.py`` (selection and the differentiable path),
-``fused_cpu.py`` (CPU inference), ``triton.py`` (CUDA: selection and forward kernels),
-``naive.py`` (float64 loops).
+Key-padding and causal masks and every score modification: key-only biases (ALiBi included)
+are taken like key padding (``common.fold_key_bias``); the rest of an expression (soft-capping,
+relative and general biases, any chain) is exact in the selected blocks and evaluated at the
+blocks' mean positions for pooled ones; a sliding window limits the candidate blocks. Cost
+O(N r b d). Derivation, limits and decisions: docs/methods/mra.md. Paths: ``torch.py``
+(selection and the differentiable path), ``scored.py`` (the differentiable path with score
+modifications other than key-only ones), ``fused_cpu.py`` (CPU inference), ``triton.py`` (CUDA:
+selection and forward kernels; key-only modifications), ``naive.py`` (float64 loops).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from ..base import NO_MODS, Method, SiteShape
-from ..common import Dim, ceil_div, compute_dtype, fold_key_bias, key_bias_terms_reason, sym_min
+from ..base import NO_MODS, Method, ScoreMods, SiteShape
+from ..common import Dim, ceil_div, compute_dtype, fold_key_bias, key_bias_mods_reason, sym_min, with_key_bias
 
 __all__ = ["MraParams", "MraMethod", "MraSelection", "VARIANTS", "CANDIDATE_FRACTIONS", "clamp_block",
            "mra_flops", "mra_forward", "mra_select"]
@@ -73,11 +76,17 @@ class MraMethod(Method):
         if site.general_mask:
             return ("mra supports key-padding and causal masks only, not a general [Q, K] mask; "
                     "use 'topk' for general masks")
-        return key_bias_terms_reason("mra", site.terms)
+        return None   # every score term: scale, biases, soft-capping, chains, sliding windows
 
     def forward(self, q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS):
-        attn_mask, scale = fold_key_bias(q, k, attn_mask, scale, mods, compute_dtype(q.dtype), "mra")
-        return mra_forward(q, k, v, attn_mask, scale, is_causal, params)
+        """Key-only modifications (a constant factor on ``s`` plus a key bias) fold into the scale
+        and the key-padding bias; any other keeps its key-only summands in the bias and goes to
+        the torch path as an expression (``scored.py``)."""
+        if key_bias_mods_reason("mra", mods) is None:
+            attn_mask, scale = fold_key_bias(q, k, attn_mask, scale, mods, compute_dtype(q.dtype), "mra")
+            return mra_forward(q, k, v, attn_mask, scale, is_causal, params)
+        attn_mask, rest = split_mods(q, k, attn_mask, mods, compute_dtype(q.dtype))
+        return mra_forward(q, k, v, attn_mask, scale, is_causal, params, rest)
 
     def flops(self, site: SiteShape, params: MraParams) -> Dim:
         return mra_flops(site, params)
@@ -99,6 +108,17 @@ class MraMethod(Method):
             out += [{"block_size": b, "blocks_per_row": r, "variant": "mra2", "sink_blocks": s}
                     for r in rs if r < mk for s in sinks if s < r]
         return out
+
+
+def split_mods(q, k, attn_mask, mods: ScoreMods, dtype) -> tuple:
+    """``(attn_mask, rest)``: the key-only summands of ``mods``' expression (per-row constants
+    dropped) evaluated into the key-padding bias, and the ``ScoreMods`` of what remains (the
+    window kept)."""
+    from ...scoremod.analysis import split_key_bias
+
+    split = split_key_bias(mods.text)
+    attn_mask = with_key_bias(q, k, attn_mask, split.key_bias, mods.tensors, dtype, "mra")
+    return attn_mask, ScoreMods(split.rest, mods.tensors, mods.window_left, mods.window_right)
 
 
 from .torch import MraSelection, mra_forward, mra_select  # noqa: E402  (the torch path imports the above)

@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..base import empty_result
+from ..base import NO_MODS, ScoreMods, empty_result
 from ..common import (MASKED, block_sums, ceil_div, check_heads, compute_dtype, key_padding_bias, pad_rows, row_shift,
                       sizes, softmax_and_lse)
 from . import MraParams, clamp_block, fused_cpu
@@ -18,9 +18,12 @@ from . import MraParams, clamp_block, fused_cpu
 CHUNK_ELEMS = 1 << 21
 
 #: selection ranks: real scores are clamped to [-RANK_LIMIT, RANK_LIMIT] (NaN -> -RANK_LIMIT),
-#: sink blocks rank at SINK_RANK, the causal diagonal at +inf, non-candidates at -inf
+#: sink blocks rank at SINK_RANK, blocks a sliding window cuts at CUT_RANK minus CUT_STEP per
+#: step of distance from the query block, the causal diagonal at +inf, non-candidates at -inf
 RANK_LIMIT = 1e38
 SINK_RANK = 3e38
+CUT_RANK = 3.3e38
+CUT_STEP = 1e33
 
 
 class MraSelection(NamedTuple):
@@ -31,11 +34,13 @@ class MraSelection(NamedTuple):
         causal diagonal first). Slots with ``block_valid`` False are unused (their index is some
         in-range block and must be ignored).
     block_valid: bool [B, H, Mq, r].
-    lowres: [B, H, Mq, Mk] selection scores ``s * qhat khat^T + block_lse - log(count)`` of
-        candidate blocks, -inf for non-candidates (differentiable in q and k); None from the
-        Triton selection.
-    pooled_logits: [B, H, Mq, Mk] the "mra2" low-resolution branch: ``s * qhat khat^T + block_lse``
-        for unselected candidates, -inf for selected blocks and non-candidates.
+    lowres: [B, H, Mq, Mk] selection scores ``g(s * qhat khat^T) + block_lse - log(count)`` of
+        candidate blocks, -inf for non-candidates (differentiable in q and k); ``g`` is the score
+        modification at the blocks' mean positions (identity without one); None from the Triton
+        selection.
+    pooled_logits: [B, H, Mq, Mk] the "mra2" low-resolution branch: ``g(s * qhat khat^T) +
+        block_lse`` for unselected candidates that no window cuts, -inf for selected blocks, cut
+        blocks and non-candidates.
     key_bias: additive key bias [Bm, Hm, Mk*b] (Bm in {1,B}, Hm in {1,H}; padded keys -inf), or
         None when there is neither a mask nor padding.
     block_lse: [Bm, Hm, Mk] logsumexp of each block's key biases (``log(count)`` for 0 / -inf
@@ -94,7 +99,7 @@ def mra_pool(x: torch.Tensor, weight: Optional[torch.Tensor], block: int, heads:
 
 
 def mra_select(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
-               is_causal: bool, params: MraParams) -> MraSelection:
+               is_causal: bool, params: MraParams, mods: ScoreMods = NO_MODS) -> MraSelection:
     """Low-resolution scores and per-query-block key-block selection of MRA-2.
 
     q [B, H, Nq, D], k [B, Hk, Nk, D] (Hk divides H; Nq, Nk >= 1), ``attn_mask`` key padding
@@ -103,6 +108,11 @@ def mra_select(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tenso
     inputs). The selection itself (``torch.topk`` on detached, sanitised scores) is not
     differentiable; ``lowres`` and ``pooled_logits`` are. See ``MraSelection`` for the outputs and
     docs/methods/mra.md for the rules.
+
+    ``mods``: a score modification WITHOUT key-only summands (those belong in ``attn_mask``): its
+    expression makes the pooled logits of the pooled scores at each block's mean positions; its
+    window limits the candidates to blocks some query of the block sees and selects the blocks it
+    cuts first (they are never pooled).
     """
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -127,6 +137,11 @@ def mra_select(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tenso
     qhat = block_sums(q.to(cdt), b) / qcount.unsqueeze(-1)              # [B, H, Mq, D]
     khat = mra_pool(k.to(cdt), weight, b, H)                              # [B, H, Mk, D]
     qk = (qhat @ khat.transpose(-1, -2)) * scale                          # [B, H, Mq, Mk]
+    if mods.text:
+        qpos = torch.arange(mq, device=dev).to(cdt) * b + (qcount - 1) / 2   # mean query position
+        qk = mods.logits(qk, b=torch.arange(B, device=dev).view(B, 1, 1, 1),
+                         h=torch.arange(H, device=dev).view(1, H, 1, 1), q=qpos.view(1, 1, mq, 1),
+                         k=_key_positions(weight, b, mk, cdt, dev).unsqueeze(-2))
 
     cand = (count > 0).unsqueeze(-2)                                      # [Bm, Hm, 1, Mk]
     cand = _per_head(cand, H).expand(B, H, mq, mk)
@@ -134,6 +149,11 @@ def mra_select(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tenso
     jk = torch.arange(mk, device=dev)
     if is_causal:
         cand = cand & (jk <= iq)
+    cut = None
+    if mods.windowed:
+        see_any, see_all = window_blocks(Nq, Nk, b, is_causal, mods, dev)
+        cand = cand & see_any
+        cut = see_any & ~see_all
     if block_lse is None:
         lowres, pooled = qk, qk + torch.log(count).unsqueeze(-2)
     else:
@@ -148,14 +168,52 @@ def mra_select(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tenso
     rank = torch.where(cand, rank, MASKED)
     if params.sink_blocks:
         rank = torch.where(cand & (jk < params.sink_blocks), SINK_RANK, rank)
+    if cut is not None:
+        near = (2 * (jk - iq).abs() + (jk > iq).long()).to(cdt)
+        rank = torch.where(cand & cut, CUT_RANK - CUT_STEP * near, rank)
     if is_causal:
         rank = torch.where(cand & (jk == iq), float("inf"), rank)
     r = min(params.blocks_per_row, mk)
     top, idx = torch.topk(rank, r, dim=-1)
     valid = top > MASKED
     selected = torch.zeros(B, H, mq, mk, dtype=torch.bool, device=dev).scatter_(-1, idx, valid)
-    pooled = torch.where(cand & ~selected, pooled, MASKED)
+    keep = cand & ~selected if cut is None else cand & ~selected & ~cut
+    pooled = torch.where(keep, pooled, MASKED)
     return MraSelection(b, idx, valid, lowres, pooled, bias, block_lse, count)
+
+
+def _key_positions(weight: Optional[torch.Tensor], block: int, mk: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """The mean key position of every key block, weighted as its keys are pooled: [Bm, Hm, Mk]
+    (``weight`` [Bm, Hm, Mk*b] from ``block_bias_softmax``; 0 in a block without weight), or
+    [1, 1, Mk] block centres when ``weight`` is None (plain means of full blocks)."""
+    if weight is None:
+        return (torch.arange(mk, device=device).to(dtype) * block + (block - 1) / 2).view(1, 1, mk)
+    pos = torch.arange(mk * block, device=device).to(dtype)
+    bm, hm = weight.shape[0], weight.shape[1]
+    return (weight * pos).reshape(bm, hm, mk, block).sum(-1)
+
+
+def window_blocks(nq: int, nk: int, block: int, is_causal: bool, mods: ScoreMods,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(see_any, see_all)`` bool [Mq, Mk]: whether some / every query of query block i sees some
+    / every key of key block j under the window of ``mods`` and ``is_causal`` (real positions
+    only: queries < Nq, keys < Nk). A pair visible iff ``-left <= key - query <= right`` (and
+    ``<= 0`` when causal)."""
+    mq, mk = ceil_div(nq, block), ceil_div(nk, block)
+    i = torch.arange(mq, device=device).view(-1, 1)
+    j = torch.arange(mk, device=device).view(1, -1)
+    n0, n1 = i * block, ((i + 1) * block).clamp(max=nq) - 1
+    m0, m1 = j * block, ((j + 1) * block).clamp(max=nk) - 1
+    big = nq + nk + 1
+    lo = -mods.window_left if mods.window_left >= 0 else -big
+    hi = mods.window_right if mods.window_right >= 0 else big
+    if is_causal:
+        hi = min(hi, 0)
+    dmin, dmax = m0 - n1, m1 - n0                                          # key - query over the pair
+    see_any = (dmax >= lo) & (dmin <= hi) & (lo <= hi)
+    see_all = (dmin >= lo) & (dmax <= hi)
+    return see_any, see_all
 
 
 def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -185,17 +243,22 @@ def merge_partial(o_hi: torch.Tensor, lse_hi: torch.Tensor, o_lo: torch.Tensor, 
 
 
 def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                scale: float, is_causal: bool, params: MraParams) -> torch.Tensor:
+                scale: float, is_causal: bool, params: MraParams, mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """MRA-2 / MRA-2-s on q [B,H,Nq,D], k [B,Hk,Nk,D], v [B,Hk,Nk,Dv] -> [B,H,Nq,Dv].
 
     Block-batched: the selected key blocks of each query block are gathered (``index_select``)
     into [.., Mq, r*b, D] and scored with one batched matmul; the low-resolution branch is
     [Mq, Mk] per head. No N x N tensor. Groups of (batch, kv-head) slices run one after another
-    only to keep temporaries small.
+    only to keep temporaries small. ``mods`` (no key-only summands: see ``mra_select``) goes to
+    ``scored.mra_forward_mods``.
     """
     empty = empty_result(q, k, v)
     if empty is not None:
         return empty
+    if not mods.empty:
+        from .scored import mra_forward_mods
+
+        return mra_forward_mods(q, k, v, attn_mask, scale, is_causal, params, mods)
     B, H, Hk, Nq, Nk, D, Dv, G = sizes(q, k, v)
     cdt = compute_dtype(q.dtype)
     dev = q.device

@@ -32,6 +32,15 @@ Pipeline (``forward``), five launches (plus a few small torch ops when a mask is
      with the key-padding bias and, for ``is_causal``, key <= query), then the log-sum-exp merge
      with the block's pooled partial softmax, and the store.
 
+Score modifications: a constant scale and key-only biases fold into the scale and the key-padding
+bias (the pipeline above, unchanged). Any other expression (soft-capping, relative / general
+biases, chains) and sliding windows: its key-only summands stay in the key-padding bias, the
+selection and pooled logits come from ``torch.mra_select`` (which applies the expression at the
+blocks' mean positions and the window's candidate rules), and ``_mra_kernel`` applies the rest as
+the site's generated ``score_mod`` (``scoremod.triton_gen``, a ``tl.constexpr`` function with the
+captured tensors as trailing arguments) to every exact score, with the window as a mask. Without a
+modification ``HAS_MOD`` / ``WINDOWED`` are False and the kernel compiles as before.
+
 Mask conventions are the torch path's: key biases are added as they are (-inf is the only hard
 mask), block padding, the causal upper triangle and unused slots are excluded (never loaded or
 set to -inf), and a row with no finite logit in either branch gets 0 (the merged denominator is
@@ -269,7 +278,7 @@ def _pool_v_kernel(
 
 
 @triton.autotune(configs=configs([(4, 2), (2, 2)]),
-                 key=["BS", "R", "MK", "DP", "DVP", "QB", "MRA2", "CAUSAL", "HAS_BIAS"])
+                 key=["BS", "R", "MK", "DP", "DVP", "QB", "MRA2", "CAUSAL", "HAS_BIAS", "HAS_MOD", "WINDOWED"])
 @triton.jit
 def _mra_kernel(
     Q, K, V, BIAS, IDX, VALID, POOLED, VHAT, OUT,
@@ -278,10 +287,15 @@ def _mra_kernel(
     svb, svh, svn, svd,
     sbb, sbh, sbn,
     sob, soh, son, sod,
-    H, G, NQ, NK, MQ, MK, BS, R, D, DV, scale,
+    H, G, NQ, NK, MQ, MK, BS, R, D, DV, scale, WL, WR,
+    T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+    T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+    T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+    T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
     DP: tl.constexpr, DVP: tl.constexpr, QB: tl.constexpr, QB16: tl.constexpr,
     MRA2: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
     BMQ: tl.constexpr, BNK: tl.constexpr, BJ: tl.constexpr,
+    SCORE_MOD: tl.constexpr, HAS_MOD: tl.constexpr, WINDOWED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -338,12 +352,20 @@ def _mra_kernel(
                             kt = tl.load(k_base + n_k[:, None] * skn + rd[None, :] * skd,
                                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
                             x = tl.dot(q, tl.trans(kt), input_precision=DOT) * scale
+                            if HAS_MOD:   # the site's generated score_mod on the exact scores
+                                x = SCORE_MOD(x, b, h, n_q[:, None], n_k[None, :],
+                                              T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
+                                              T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
+                                              T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
+                                              T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3)
                             if HAS_BIAS:
                                 bias = tl.load(BIAS + b * sbb + h * sbh + n_k * sbn, mask=k_ok, other=0.0)
                                 x = x + bias[None, :]
                             keep = k_ok[None, :]
                             if CAUSAL:
                                 keep = keep & (n_k[None, :] <= n_q[:, None])
+                            if WINDOWED:  # WL / WR: the window's bounds (a huge value when unbounded)
+                                keep = keep & (n_k[None, :] >= n_q[:, None] - WL) & (n_k[None, :] <= n_q[:, None] + WR)
                             x = tl.where(keep, x, NEG_INF)
                             m, alpha, p, lsum = online_softmax(m, lsum, x)
                             vt = tl.load(v_base + n_k[:, None] * svn + rdv[None, :] * svd,
@@ -365,16 +387,36 @@ def _mra_kernel(
 def supports(q, k, v, attn_mask, is_causal, params, mods=NO_MODS) -> Optional[str]:
     """Run-time check of the kernels on concrete inputs (reached through the kernel dispatch): why
     they cannot take them, or None. Score modifications: a constant scale and key-only biases
-    (``common.fold_key_bias``), which reach the kernels as their key-padding bias."""
-    reason = input_reason(q, v) or key_bias_mods_reason("mra", mods)
+    (``common.fold_key_bias``) reach the kernels as their key-padding bias; any other expression
+    is generated into the forward kernel (``scoremod.triton_gen``: at most its KERNEL_TENSORS
+    captured tensors of at most KERNEL_DIMS dims) with the selection from the torch path."""
+    reason = input_reason(q, v)
     if reason:
         return reason
+    if key_bias_mods_reason("mra", mods) is not None:
+        reason = _mod_reason(mods)
+        if reason:
+            return reason
     if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1:
         return "mra supports key-padding and causal masks only"
     if params.variant not in VARIANTS:
         return f"unknown variant {params.variant!r}"
     if params.block_size < 1 or params.blocks_per_row < 1:
         return "block_size and blocks_per_row must be >= 1"
+    return None
+
+
+def _mod_reason(mods) -> Optional[str]:
+    """Why the generated score_mod cannot carry ``mods``' expression into the kernel, or None."""
+    from ...scoremod.triton_gen import KERNEL_DIMS, KERNEL_TENSORS, source
+
+    if len(mods.tensors) > KERNEL_TENSORS or any(t.dim() > KERNEL_DIMS for t in mods.tensors):
+        return (f"the mra kernel passes at most {KERNEL_TENSORS} captured tensors of at most {KERNEL_DIMS} dims "
+                f"to a score_mod; got {[tuple(t.shape) for t in mods.tensors]}; the torch path applies it")
+    try:
+        source(mods.text)
+    except ValueError as e:
+        return f"the mra kernel cannot generate score_mod {mods.text!r}: {e}; the torch path applies it"
     return None
 
 
@@ -433,13 +475,28 @@ def _num_sms(device) -> int:
 def forward(q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS, *, selection=None, out=None):
     """MRA-2 / MRA-2-s (see the module docstring) on q [B,H,Nq,D], k/v [B,Hk,Nk,*]; ``selection``
     reuses a precomputed ``MraSelection`` (made with the same modifications); writes ``out`` when
-    given. A key bias of ``mods`` is evaluated once into the key-padding bias."""
+    given. A key bias of ``mods`` is evaluated once into the key-padding bias; any other
+    modification keeps its key-only summands there, selects on the torch path
+    (``torch.mra_select``, which applies it to the pooled logits) and runs the rest as the
+    generated score_mod of the forward kernel, with the window as a mask."""
+    from ...scoremod.triton_gen import kernel_args, triton_score_mod
+    from . import split_mods
+
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
-    attn_mask, scale = fold_key_bias(q, k, attn_mask, scale, mods, torch.float32, "mra")
+    if key_bias_mods_reason("mra", mods) is None:
+        attn_mask, scale = fold_key_bias(q, k, attn_mask, scale, mods, torch.float32, "mra")
+        rest = NO_MODS
+    else:
+        attn_mask, rest = split_mods(q, k, attn_mask, mods, torch.float32)
     B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
-    sel = selection if selection is not None else select_blocks(q, k, attn_mask, scale, is_causal, params)
+    if selection is not None:
+        sel = selection
+    elif rest.empty:
+        sel = select_blocks(q, k, attn_mask, scale, is_causal, params)
+    else:
+        sel = mra_select(q, k, attn_mask, scale, is_causal, params, rest)
     bs = sel.block
     MQ, MK = ceil_div(NQ, bs), ceil_div(NK, bs)
     R = sel.block_idx.shape[-1]
@@ -478,13 +535,18 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, mods=NO_MODS, *, selec
     QB16 = max(16, QB)
     BJ = 64 if DVP <= 64 else 32
     grid = (triton.cdiv(MQ, QB), BH)
-    tk = (q.dtype, bs, R, MK, D, Dv, QB, mra2, bool(is_causal), has_bias)
+    has_mod, windowed = bool(rest.text), rest.windowed
+    big = NQ + NK + 1
+    wl = rest.window_left if rest.window_left >= 0 else big
+    wr = rest.window_right if rest.window_right >= 0 else big
+    tk = (q.dtype, bs, R, MK, D, Dv, QB, mra2, bool(is_causal), has_bias, rest.text, windowed)
     launch(
         _mra_kernel, grid, tk,
         q, k, v, bias, idx, valid, pooled, vhat, out,
         *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
-        H, G, NQ, NK, MQ, MK, bs, R, D, Dv, float(scale),
+        H, G, NQ, NK, MQ, MK, bs, R, D, Dv, float(scale), wl, wr, *kernel_args(rest.tensors, like=q),
         DP=DP, DVP=DVP, QB=QB, QB16=QB16, MRA2=mra2, CAUSAL=bool(is_causal), HAS_BIAS=has_bias,
         DOT=dot_precision(q.dtype), BMQ=BMQ, BNK=BNK, BJ=BJ,
+        SCORE_MOD=triton_score_mod(rest.text), HAS_MOD=has_mod, WINDOWED=windowed,
     )
     return out
