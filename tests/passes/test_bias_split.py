@@ -40,6 +40,13 @@ def sum_causal_triu(q, k, v, table):
     return torch.softmax(_scores(q, k) + (mask + relative_bias(table, n)), -1) @ v
 
 
+def sum_indicator_causal(q, k, v, table):
+    # the mask of transformers 4.x's T5 decoder: (1 - keep) * finfo.min, added to the bias first
+    n = q.shape[-2]
+    keep = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    return torch.softmax(_scores(q, k) + (relative_bias(table, n) + (1.0 - keep.to(q.dtype)) * MIN), -1) @ v
+
+
 def where_causal(q, k, v, table):
     n = q.shape[-2]
     keep = (torch.arange(n)[:, None] >= torch.arange(n)[None, :]).view(1, 1, n, n)
@@ -90,6 +97,7 @@ def _padding():
 CASES = {
     "sum_causal": (sum_causal, (), "causal", "bias(relative), causal"),
     "sum_causal_triu": (sum_causal_triu, (), "causal", "bias(relative), causal"),
+    "sum_indicator_causal": (sum_indicator_causal, (), "causal", "bias(relative), causal"),
     "where_causal": (where_causal, (), "causal", "bias(relative), causal"),
     "sum_shifted": (sum_shifted, (), "general", "bias(relative), general"),
     "where_anticausal": (where_anticausal, (), "general", "bias(relative), general"),
