@@ -53,6 +53,13 @@ def where_causal(q, k, v, table):
     return torch.softmax(_scores(q, k) + torch.where(keep, relative_bias(table, n), MIN).contiguous(), -1) @ v
 
 
+def where_causal_small_fill(q, k, v, table):
+    # -1e4 is a hard mask on rows that keep a key, and a causal mask leaves none fully masked
+    n = q.shape[-2]
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.softmax(_scores(q, k) + torch.where(keep, relative_bias(table, n), -1e4), -1) @ v
+
+
 def sum_shifted(q, k, v, table):
     # keys up to one AFTER the query: not causal
     n = q.shape[-2]
@@ -99,6 +106,7 @@ CASES = {
     "sum_causal_triu": (sum_causal_triu, (), "causal", "bias(relative), causal"),
     "sum_indicator_causal": (sum_indicator_causal, (), "causal", "bias(relative), causal"),
     "where_causal": (where_causal, (), "causal", "bias(relative), causal"),
+    "where_causal_small_fill": (where_causal_small_fill, (), "causal", "bias(relative), causal"),
     "sum_shifted": (sum_shifted, (), "general", "bias(relative), general"),
     "where_anticausal": (where_anticausal, (), "general", "bias(relative), general"),
     "where_input_mask": (where_input_mask, (_keep_with_dead_row(),), "general", "bias(relative), general"),

@@ -21,7 +21,6 @@ from typing import Any, Optional
 from torch.fx import Node
 
 from ..scoremod import expr as E
-from ..scoremod.analysis import bias_form
 from ..scoremod.expr import MAX_TENSORS
 from .lift import _Lifter, simplify
 from .table import canonical, constant_number, example
@@ -262,7 +261,7 @@ def biases_into_mod(m, plan):
     qk = tuple(m.scores_shape[-2:])
     texts, captured, rest, moved = [], list(m.score_tensors), [], False
     for term in plan.general:
-        for piece in split_pieces(term):
+        for piece in split_pieces(term, qk):
             if piece.kind != "additive" or _proven_mask(piece, qk):
                 rest.append(piece)
                 continue
@@ -293,46 +292,45 @@ def biases_into_mod(m, plan):
     return new
 
 
-def split_pieces(term) -> list:
+def split_pieces(term, qk: Optional[tuple] = None) -> list:
     """The additive mask ``term`` as the pieces eager sums (listed from the softmax backwards,
     like the mask terms): ``a + b`` -> pieces of b, then of a; ``where(keep, x, fill)`` (or
     ``where(masked, fill, x)``) with a constant mask fill -> ``x`` plus a keep (masked) term
     with that fill, since ``s + where(keep, x, fill)`` is ``s + x`` with the masked entries set
-    to ``s + fill``, which rounds to the fill (|fill| >= 1e30) or masks (exp(fill) = 0).
-    Anything else is one piece."""
+    to ``s + fill``, which rounds to the fill (|fill| >= 1e30), or, for a smaller fill, when no
+    query row is fully masked (``keep`` is causal over the scores' ``qk`` = (Q, K)), masks as a
+    hard mask does (exp(fill - max) = 0). Anything else is one piece."""
     from dataclasses import replace
 
-    from .masks import is_mask_fill
-
-    from .masks import _is_broadcast_view, _is_float
+    from .masks import _is_broadcast_view, _is_float, is_mask_fill
 
     if term.kind != "additive":
         return [term]
     call = canonical(term.node)
     if call is not None and (call.name in ("contiguous", "expand", "expand_as") or _is_broadcast_view(call)
                              or (call.name == "cast" and _is_float(call.get("input")))):
-        inner = split_pieces(replace(term, node=call.get("input")))
+        inner = split_pieces(replace(term, node=call.get("input")), qk)
         return [term] if len(inner) == 1 else inner
     if call is not None and call.name == "add" and call.get("alpha") is None \
             and isinstance(call.get("input"), Node) and isinstance(call.get("other"), Node):
-        return split_pieces(replace(term, node=call.get("other"))) + split_pieces(replace(term, node=call.get("input")))
+        return split_pieces(replace(term, node=call.get("other")), qk) + split_pieces(replace(term, node=call.get("input")), qk)
     if call is not None and call.name == "where":
         cond, a, b = call.get("condition"), call.get("input"), call.get("other")
         for kind, value, fill in (("keep", a, b), ("masked", b, a)):
             number = constant_number(fill)
             if isinstance(value, Node) and isinstance(cond, Node) and is_mask_fill(number, term.coef) \
-                    and (abs(number) >= 1e30 or _rows_never_dead(cond)):
+                    and (abs(number) >= 1e30 or _rows_never_dead(cond, qk)):
                 return [replace(term, node=cond, kind=kind, fill=float(number))] + \
-                    split_pieces(replace(term, node=value))
+                    split_pieces(replace(term, node=value), qk)
     return [term]
 
 
-def _rows_never_dead(cond) -> bool:
-    """A keep mask proven causal alone: every query row keeps key 0."""
-    from .masks import _boolean
+def _rows_never_dead(cond, qk) -> bool:
+    """A keep mask proven causal alone, over the scores' own [Q, K]: every query row keeps key 0."""
+    from .masks import _boolean, _spans
 
     facts = _boolean(cond, positive=True)
-    return facts is not None and facts.causal and not facts.keypad
+    return facts is not None and facts.causal and not facts.keypad and all(_spans(w, qk) for w in facts.witnesses)
 
 
 def _proven_mask(piece, qk) -> bool:
