@@ -107,7 +107,10 @@ def _call(fn: str, args: list) -> Value:
         return torch.minimum(a, c) if fn == "min" else torch.maximum(a, c)
     if fn == "where":
         cond, a, c = args
-        return torch.where(_tensor(cond), *_same_dtype(a, c))
+        cond = _tensor(cond)
+        if not isinstance(a, torch.Tensor) and not isinstance(c, torch.Tensor):
+            a = torch.as_tensor(a, device=cond.device)   # two constants: where(m, 0.0, -100.0)
+        return torch.where(cond, *_same_dtype(a, c))
     if fn == "clamp":
         x, lo, hi = args
         return _call("min", [_call("max", [x, lo]), hi])
