@@ -14,6 +14,7 @@ of reading an N x N tensor.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -101,6 +102,8 @@ class _Lifter:
             src = example(call.get("input"))
             if inner is None or src is None:
                 return None
+            if src.dtype == torch.bool and val.dtype != torch.bool and not val.is_floating_point():
+                return lambda idx: E.Call("int", (inner(idx),))       # bools add as 0 / 1, not as `or`
             if src.is_floating_point() and not val.is_floating_point() and val.dtype != torch.bool:
                 return lambda idx: E.Call("int", (inner(idx),))       # truncation, as .long()
             if not src.is_floating_point() and val.is_floating_point():
@@ -127,6 +130,11 @@ class _Lifter:
             if c is None or a is None or d is None:
                 return None
             return lambda idx: E.Call("where", (c(idx), a(idx), d(idx)))
+        if name == "masked_fill":
+            a, c, d = (self.operand(call.get(x)) for x in ("input", "mask", "value"))
+            if c is None or a is None or d is None:
+                return None
+            return lambda idx: E.Call("where", (c(idx), d(idx), a(idx)))
         if name in ("full", "full_like", "new_full", "zeros", "zeros_like", "ones", "ones_like", "new_ones", "scalar_tensor"):
             v = {"zeros": 0, "zeros_like": 0, "ones": 1, "ones_like": 1, "new_ones": 1}.get(name)
             if v is None:
@@ -172,7 +180,12 @@ class _Lifter:
             a, c = self.operand(args[0]), self.operand(args[1])
             fn = "min" if target in (torch.min, torch.minimum) else "max"
             return None if a is None or c is None else (lambda idx: E.Call(fn, (a(idx), c(idx))))
-        if target is torch.neg or method == "neg" or target is getattr(__import__("operator"), "neg"):
+        if target in (operator.ne, torch.ne) or method in ("ne", "__ne__"):
+            if len(args) != 2:
+                return None
+            a, c = self.operand(args[0]), self.operand(args[1])
+            return None if a is None or c is None else (lambda idx: E.BinOp("!=", a(idx), c(idx)))
+        if target is torch.neg or method == "neg" or target is operator.neg:
             a = self.lift(args[0])
             return None if a is None else (lambda idx: E.Neg(a(idx)))
         if method in ("float", "long", "int", "to", "type_as") and args:
@@ -209,7 +222,7 @@ class _Lifter:
             off = len(out_shape) - len(in_shape)
             return lambda idx: inner([E.Const(0) if in_shape[d] == 1 else idx[d + off] for d in range(len(in_shape))])
         if [out_shape[i] for i in kept_out] != [in_shape[i] for i in kept_in]:
-            return None   # a real reshape (merging or splitting dims): not followed
+            return _regroup(inner, in_shape, out_shape)   # a real reshape: merges and splits dims
         mapping = dict(zip(kept_in, kept_out))
         return lambda idx: inner([idx[mapping[d]] if d in mapping else E.Const(0) for d in range(len(in_shape))])
 
@@ -219,6 +232,13 @@ class _Lifter:
             pos = items.index(Ellipsis)
             fill = len(in_shape) - (len(items) - 1 - sum(1 for i in items if i is None))
             items = items[:pos] + (slice(None),) * fill + items[pos + 1:]
+        tensors = [it for it in items if isinstance(it, Node)]
+        if tensors:
+            # one integer index tensor among plain slices: numpy puts its dims where it stands
+            ex = example(tensors[0])
+            if len(tensors) != 1 or ex is None or ex.dtype == torch.bool or ex.is_floating_point() \
+                    or not all(isinstance(it, slice) or it is tensors[0] for it in items):
+                return None
         plan, d_in = [], 0
         for it in items:
             if it is None:
@@ -231,6 +251,13 @@ class _Lifter:
                 d_in += 1
             elif isinstance(it, int):
                 plan.append(("int", (d_in, it)))
+                d_in += 1
+            elif isinstance(it, Node) and len(tensors) == 1 and tensors[0] is it:
+                # an integer index tensor (a gather, ``table[index]``): its dims replace dim d_in
+                rank = example(it).dim()
+                plan.append(("gather", (d_in, self.lift(it), rank)))
+                if plan[-1][1][1] is None:
+                    return None
                 d_in += 1
             else:
                 return None
@@ -248,11 +275,69 @@ class _Lifter:
                     d, start = arg
                     src[d] = _affine(idx[o], start, 1)
                     o += 1
+                elif kind == "gather":
+                    d, index, rank = arg
+                    src[d] = index(list(idx[o:o + rank]))
+                    o += rank
                 else:
                     d, value = arg
                     src[d] = E.Const(value % in_shape[d] if value < 0 else value)
             return inner(src)
         return read
+
+
+def _regroup(inner: Indexed, in_shape: tuple, out_shape: tuple) -> Optional[Indexed]:
+    """A row-major reshape that merges and splits dims (static sizes only): the dims form groups
+    of equal size on both sides; in each group the output index is flattened and unflattened
+    into the input's dims (``[N*N, H] -> [N, N, H]`` reads ``(i * N + j, h)``)."""
+    if not all(isinstance(s, int) for s in in_shape + out_shape) or _prod(in_shape) != _prod(out_shape):
+        return None
+    groups, i, o = [], 0, 0
+    while i < len(in_shape) or o < len(out_shape):
+        gi, go = [i] if i < len(in_shape) else [], [o] if o < len(out_shape) else []
+        pi = in_shape[i] if gi else 1
+        po = out_shape[o] if go else 1
+        i, o = i + len(gi), o + len(go)
+        while pi != po:
+            if pi < po and i < len(in_shape):
+                pi *= in_shape[i]
+                gi.append(i)
+                i += 1
+            elif po < pi and o < len(out_shape):
+                po *= out_shape[o]
+                go.append(o)
+                o += 1
+            else:
+                return None
+        groups.append((gi, go))
+
+    def read(idx):
+        src: list = [E.Const(0)] * len(in_shape)
+        for gi, go in groups:
+            flat, stride = None, 1
+            for d in reversed(go):
+                if out_shape[d] != 1:
+                    term = idx[d] if stride == 1 else E.BinOp("*", idx[d], E.Const(stride))
+                    flat = term if flat is None else E.BinOp("+", term, flat)
+                stride *= out_shape[d]
+            flat = E.Const(0) if flat is None else flat
+            live = [d for d in gi if in_shape[d] != 1]
+            stride = 1
+            for d in reversed(gi):
+                if in_shape[d] == 1:
+                    continue
+                part = flat if stride == 1 else E.BinOp("//", flat, E.Const(stride))
+                src[d] = part if d == live[0] else E.BinOp("%", part, E.Const(in_shape[d]))
+                stride *= in_shape[d]
+        return inner(src)
+    return read
+
+
+def _prod(shape: tuple) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
 
 
 def _affine(i: E.Node, start: int, step: int) -> E.Node:

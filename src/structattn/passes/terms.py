@@ -21,7 +21,6 @@ from typing import Any, Optional
 from torch.fx import Node
 
 from ..scoremod import expr as E
-from ..scoremod.analysis import bias_form
 from ..scoremod.expr import MAX_TENSORS
 from .lift import _Lifter, simplify
 from .table import canonical, constant_number, example
@@ -243,39 +242,131 @@ def _op_name(node: Any) -> str:
 def biases_into_mod(m, plan):
     """``plan`` (a ``masks.MaskPlan``) with the additive terms of a general mask moved into the
     site's score modification ``m.score_mod`` when their producer graphs lift to expressions over
-    positions (ALiBi, T5 buckets, Swin tables): methods then see a key-only / relative bias, not
-    a general [Q, K] mask. Done only where it is exact: every moved term is plain ``coef * tensor``
-    added in the site's own view, and what stays in the mask masks with -inf (no dead-row
-    program), so adding the bias before or after the mask gives eager's logits. A general bias
-    (one that reads q and k other than through k - q, or a tensor read at its own index) stays in
-    the mask: as an expression it would gain no method anything."""
+    positions (ALiBi, T5 buckets, Swin tables): methods then see a key-only / relative / general
+    bias, not a general [Q, K] mask.
+
+    A term that is a sum (``bias + causal_mask``) or ``where(keep, bias, fill)`` is split first
+    (``split_pieces``); each piece is then a mask the mask plan proves (causal, key padding),
+    a constant zero (dropped), a bias that lifts to an expression (moved), or a hard mask the
+    plan cannot prove (a fill <= -1e4, e.g. a sliding window: it stays in the mask). Done only
+    where it is exact: every moved piece is plain ``coef * tensor`` added in the site's own view,
+    and the mask that remains gives eager's fully masked rows too (``_rows_exact``). A tensor read
+    at its own index (a materialised bias) stays in the mask: as an expression it would gain no
+    method anything. Otherwise the plan is returned unchanged."""
     from .masks import plan_mask
 
     if plan.kind != "general" or plan.reason is not None:
         return plan
-    additive = [t for t in plan.general if t.kind == "additive"]
-    if not additive or any(t.factors or t.lead is not None for t in additive):
-        return plan
     rank = len(m.scores_shape)
-    texts, captured = [], list(m.score_tensors)
-    for t in additive:
-        lifted = lift_bias(t.node, t.coef, rank, len(captured))
-        if lifted is None or _bare_load(lifted[0]) or bias_form(E.parse(lifted[0])) == "general":
-            return plan
-        texts.append(lifted[0])
-        captured += lifted[1]
-    if len(captured) > MAX_TENSORS:
-        return plan
-    rest = [t for t in plan.general if t.kind != "additive"]
     qk = tuple(m.scores_shape[-2:])
-    new = plan_mask(rest, m.is_causal, qk)
-    if new.reason is not None or new.dead_rows:
+    texts, captured, rest, moved = [], list(m.score_tensors), [], False
+    for term in plan.general:
+        for piece in split_pieces(term, qk):
+            if piece.kind != "additive" or _proven_mask(piece, qk):
+                rest.append(piece)
+                continue
+            if piece.factors or piece.lead is not None:
+                return plan
+            lifted = lift_bias(piece.node, piece.coef, rank, len(captured))
+            if lifted is None or _bare_load(lifted[0]):
+                return plan
+            tree = E.parse(lifted[0])
+            if _has_mask_fill(tree):
+                rest.append(piece)   # a hard mask (sliding window...): the mask plan keeps it
+                continue
+            moved = True
+            if isinstance(tree, E.Const) and tree.value == 0:
+                continue             # a zero bias (T5's cross-attention): nothing to add
+            texts.append(lifted[0])
+            captured += lifted[1]
+    if not moved or len(captured) > MAX_TENSORS:
         return plan
-    core = m.score_mod or "s"
-    m.score_mod = E.unparse(E.parse(" + ".join([f"({core})"] + [f"({x})" for x in texts])))
-    m.score_tensors = captured
+    new = plan_mask(rest, m.is_causal, qk)
+    if new.reason is not None or not _rows_exact(new):
+        return plan
+    if texts:
+        core = m.score_mod or "s"
+        m.score_mod = E.unparse(E.parse(" + ".join([f"({core})"] + [f"({x})" for x in texts])))
+        m.score_tensors = captured
     m.masks = rest
     return new
+
+
+def split_pieces(term, qk: Optional[tuple] = None) -> list:
+    """The additive mask ``term`` as the pieces eager sums (listed from the softmax backwards,
+    like the mask terms): ``a + b`` -> pieces of b, then of a; ``where(keep, x, fill)`` (or
+    ``where(masked, fill, x)``) with a constant mask fill -> ``x`` plus a keep (masked) term
+    with that fill, since ``s + where(keep, x, fill)`` is ``s + x`` with the masked entries set
+    to ``s + fill``, which rounds to the fill (|fill| >= 1e30), or, for a smaller fill, when no
+    query row is fully masked (``keep`` is causal over the scores' ``qk`` = (Q, K)), masks as a
+    hard mask does (exp(fill - max) = 0). Anything else is one piece."""
+    from dataclasses import replace
+
+    from .masks import _is_broadcast_view, _is_float, is_mask_fill
+
+    if term.kind != "additive":
+        return [term]
+    call = canonical(term.node)
+    if call is not None and (call.name in ("contiguous", "expand", "expand_as") or _is_broadcast_view(call)
+                             or (call.name == "cast" and _is_float(call.get("input")))):
+        inner = split_pieces(replace(term, node=call.get("input")), qk)
+        return [term] if len(inner) == 1 else inner
+    if call is not None and call.name == "add" and call.get("alpha") is None \
+            and isinstance(call.get("input"), Node) and isinstance(call.get("other"), Node):
+        return split_pieces(replace(term, node=call.get("other")), qk) + split_pieces(replace(term, node=call.get("input")), qk)
+    if call is not None and call.name == "where":
+        cond, a, b = call.get("condition"), call.get("input"), call.get("other")
+        for kind, value, fill in (("keep", a, b), ("masked", b, a)):
+            number = constant_number(fill)
+            if isinstance(value, Node) and isinstance(cond, Node) and is_mask_fill(number, term.coef) \
+                    and (abs(number) >= 1e30 or _rows_never_dead(cond, qk)):
+                return [replace(term, node=cond, kind=kind, fill=float(number))] + \
+                    split_pieces(replace(term, node=value), qk)
+    return [term]
+
+
+def _rows_never_dead(cond, qk) -> bool:
+    """A keep mask proven causal alone, over the scores' own [Q, K]: every query row keeps key 0."""
+    from .masks import _boolean, _spans
+
+    facts = _boolean(cond, positive=True)
+    return facts is not None and facts.causal and not facts.keypad and all(_spans(w, qk) for w in facts.witnesses)
+
+
+def _proven_mask(piece, qk) -> bool:
+    """Does the mask plan prove the additive ``piece`` alone a causal / key-padding mask (fills,
+    not a bias tensor it would add as it is)?"""
+    from .masks import _spans, _term_steps
+
+    steps = _term_steps(piece)
+    return steps is not None and all(s.op != "bias" for s in steps) and \
+        all(_spans(w, qk) for s in steps for w in s.witnesses)
+
+
+def _has_mask_fill(tree: E.Node) -> bool:
+    """Does the expression hold a constant that masks (<= -1e4, -inf included)?"""
+    from .masks import NEG_THRESHOLD
+
+    if isinstance(tree, E.Const):
+        return not isinstance(tree.value, bool) and float(tree.value) <= NEG_THRESHOLD
+    if isinstance(tree, E.Neg) and isinstance(tree.value, E.Const) and not isinstance(tree.value.value, bool):
+        return -float(tree.value.value) <= NEG_THRESHOLD
+    return any(_has_mask_fill(c) for c in E.children(tree))
+
+
+def _rows_exact(plan) -> bool:
+    """Does the op reproduce eager's fully masked rows once biases were moved out of the mask?
+    The program starts from the logits with the moved biases added (eager adds them before or
+    after the mask, which changes only rounding) and adds fills to them; a FINITE fill that
+    overwrites the entries (``set``) would drop a bias eager may have added after it, unless the
+    fill is so large that the bias vanishes in its rounding. A causal mask alone has no dead rows."""
+    if not plan.dead_rows or (plan.kind == "causal" and not plan.keypad):
+        return True
+    for item in plan.dead_rows.split(";"):
+        _, op, fill = item.split(":")
+        if op == "set" and float(fill) > float("-inf") and abs(float(fill)) < 1e30:
+            return False
+    return True
 
 
 def _bare_load(text: str) -> bool:

@@ -108,8 +108,8 @@ def _call(fn: str, args: list) -> Value:
     if fn == "where":
         cond, a, c = args
         cond = _tensor(cond)
-        if not isinstance(a, torch.Tensor) and not isinstance(c, torch.Tensor):   # where(k > q, 8, 0)
-            a = torch.tensor(a, device=cond.device)
+        if not isinstance(a, torch.Tensor) and not isinstance(c, torch.Tensor):
+            a = torch.as_tensor(a, device=cond.device)   # two constants: where(m, 0.0, -100.0)
         return torch.where(cond, *_same_dtype(a, c))
     if fn == "clamp":
         x, lo, hi = args

@@ -101,7 +101,8 @@ def _emit(tree: Node) -> str:
         if len(tree.at) > KERNEL_DIMS:
             raise ValueError(f"score_mod reads t{tree.index} with {len(tree.at)} indices; kernels pass {KERNEL_DIMS}")
         t = tree.index
-        offset = " + ".join(f"tl.minimum(tl.maximum({_emit(i)}, 0), T{t}_N{d} - 1) * T{t}_S{d}"
+        # an index may be computed in floats (abs, log of a distance): truncated, as the torch path does
+        offset = " + ".join(f"tl.minimum(tl.maximum({_index(i)}, 0), T{t}_N{d} - 1) * T{t}_S{d}"
                             for d, i in enumerate(tree.at)) or "0"
         return f"tl.load(T{tree.index} + {offset})"
     if isinstance(tree, Neg):
@@ -137,6 +138,11 @@ def _emit(tree: Node) -> str:
     if tree.fn == "where":
         return f"tl.where({args[0]}, {args[1]}, {args[2]})"
     return f"tl.minimum(tl.maximum({args[0]}, {args[1]}), {args[2]})"   # clamp
+
+
+def _index(tree: Node) -> str:
+    """An index expression as an int: a constant as it is, anything else truncated (``.to``)."""
+    return repr(int(tree.value)) if isinstance(tree, Const) else f"({_emit(tree)}).to(tl.int32)"
 
 
 def _power(base: str, exponent) -> str:
