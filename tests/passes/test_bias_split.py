@@ -140,12 +140,11 @@ def test_split_terms_and_eager_output(case, method, params):
     assert rel_err(report.output, ref) < 1e-10, str(report)
 
 
-def test_split_gives_mra_a_causal_mask_and_a_relative_bias_it_refuses_by_name():
-    # MRA takes causal masks but not relative biases: the reason names the bias, not a general mask
-    report, ref = _run("sum_causal", "mra", {"block_size": 2, "blocks_per_row": 2})
+def test_split_gives_mra_a_causal_mask_and_a_relative_bias():
+    # MRA serves causal masks with relative biases: at all blocks chosen it equals eager
+    report, ref = _run("sum_causal", "mra", {"block_size": 2, "blocks_per_row": N})
     [site] = report.sites
-    assert site.method == "exact" and "bias(relative)" in site.reason, site.reason
-    assert "general" not in site.reason
+    assert site.method == "mra" and site.mask == "causal" and "bias(relative)" in site.terms, str(report)
     assert rel_err(report.output, ref) < 1e-10
 
 
