@@ -366,7 +366,8 @@ def window_plan(plan) -> Optional[tuple]:
         return None
     lo = hi = None
     keypad: list = []
-    bands: list = []        # (term, scope letters of its own conjuncts, op, effective fill)
+    reads: list = []        # (term, tensor, index, comparison) of the bands' key-padding conjuncts
+    bands: list = []        # per band term: (reads key padding, op, effective fill)
     hard = True             # every term masks with -inf
     for t in plan.general:
         band = _band(t, NEG_THRESHOLD)
@@ -377,14 +378,14 @@ def window_plan(plan) -> Optional[tuple]:
             hard = hard and all(st.op == "bias" or st.fill == float("-inf") for st in steps)
             keypad += [k for st in steps for k in st.keypad if all(k is not x for x in keypad)]
             continue
-        t_lo, t_hi, keeps, op, effective = band
+        t_lo, t_hi, pads, op, effective = band
         for value in (t_lo,) if t_lo is not None else ():
             lo = value if lo is None else max(lo, value)
         for value in (t_hi,) if t_hi is not None else ():
             hi = value if hi is None else min(hi, value)
-        keypad += keeps
+        reads += [(t, *read) for read in pads]
         hard = hard and effective == float("-inf")
-        bands.append((t_lo is not None, t_hi is not None, bool(keeps), op, effective))
+        bands.append((bool(pads), op, effective))
     if not bands or lo is None and hi is None:
         return None
     if plan.causal:
@@ -399,16 +400,23 @@ def window_plan(plan) -> Optional[tuple]:
     if not hard:
         if len(plan.general) != 1:
             return None
-        has_lo, has_hi, pads, op, effective = bands[0]
+        pads, op, effective = bands[0]
         scope = ("c" if causal else "") + ("w" if window != (-1, -1) else "") + ("m" if pads else "")
         dead_rows = f"{scope}:{op}:{effective!r}" if scope else ""
+    # the keep masks are built only now, for a plan the op gets
+    for t, tensor, at, how in reads:
+        keep = _keep_node(t.node, tensor, at, how)
+        if keep is None:
+            return None
+        keypad.append(keep)
     kind = ("causal+key_padding" if keypad else "causal") if causal else ("key_padding" if keypad else "none")
     return MaskPlan(kind, causal, tuple(keypad), (), dead_rows), window
 
 
 def _band(t, neg_threshold: float) -> Optional[tuple]:
-    """A band term: ``(lo, hi, keep terms, op, effective fill)`` with ``lo <= k - q <= hi`` (None =
-    unbounded) and the key-padding keep terms its condition ANDs in; None when ``t`` is not one."""
+    """A band term: ``(lo, hi, padding reads, op, effective fill)`` with ``lo <= k - q <= hi`` (None =
+    unbounded) and the key-padding conjuncts its condition ANDs in, each ``(tensor node, index,
+    comparison)``; None when ``t`` is not one."""
     if t.factors or t.lead is not None or t.coef != 1.0:
         return None
     lifted = lift_bias(t.node, 1.0, 4, 0)
@@ -445,13 +453,8 @@ def _band(t, neg_threshold: float) -> Optional[tuple]:
             hi = value if hi is None else min(hi, value)
     if lo is None and hi is None:
         return None
-    keeps = []
-    for load, how in reads:
-        keep = _keep_node(t.node, captured[load.index], load.at, how)
-        if keep is None:
-            return None
-        keeps.append(keep)
-    return lo, hi, keeps, "add" if t.kind == "additive" else "set", t.effective(fill)
+    pads = [(captured[load.index], load.at, how) for load, how in reads]
+    return lo, hi, pads, "add" if t.kind == "additive" else "set", t.effective(fill)
 
 
 _FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
