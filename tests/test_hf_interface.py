@@ -117,13 +117,13 @@ def test_exact_equals_uncompiled_model(name, impl, padding):
     assert [s.layer for s in report.sites] == layers, str(report)
     assert set(layers) <= {n for n, _ in fast.named_modules()}
     assert all(s.method == "exact" and s.rewritten and s.reason is None and s.calls == 1 for s in report.sites)
-    if name == "mistral":  # the 6-token window makes every causal mask banded
-        expected = "general"
-    elif name in CAUSAL:
+    if name in CAUSAL:
         expected = "causal+key_padding" if padding else "causal"
     else:
         expected = "key_padding" if padding else "none"
     assert {s.mask for s in report.sites} == {expected}, str(report)
+    if name == "mistral":  # the 6-token window: the banded mask was proven to be causal & window (& padding)
+        assert all("window(5,0)" in s.terms for s in report.sites), str(report)
     if name in ("llama", "mistral"):  # grouped k/v reach the op as they are (no repeat_kv copies)
         assert {(s.num_heads, s.num_kv_heads) for s in report.sites} == {(4, 2)}
 
@@ -138,9 +138,9 @@ APPROX_CASES = [
     ("bert", MONARCH, "right"), ("bert", MRA, "right"), ("bert", TOPK, None),
     ("gpt2", MRA, "right"), ("gpt2", MONARCH, None),                       # monarch refuses causal
     ("llama", MRA, "right"), ("llama", TOPK, None),
-    # (the compiled path proves Mistral's banded mask to be causal & window and MRA serves it;
-    # this interface path keeps it a general mask: tests/test_hf_score_mods.py covers the former)
-    ("mistral", TOPK, "right"), ("mistral", {**MRA, "causal": True}, None),   # a declared causal mask
+    # (both paths prove Mistral's banded mask to be causal & window (& padding): MRA serves it)
+    ("mistral", TOPK, "right"), ("mistral", MRA, "right"), ("mistral", MRA, None),
+    ("mistral", {**MRA, "causal": True}, None),   # a declared causal mask: the proven window still applies
     ("vit", MONARCH, None), ("vit", MRA, None),
 ]
 
@@ -170,10 +170,10 @@ def test_approximation_equals_compiled_path(name, options, padding):
 def test_refusal_reasons_name_method_and_sliding_window():
     model, _ = build("mistral")
     args, kwargs, _ = inputs("mistral")
-    report = hf.report(hf.apply(model, MRA))
+    report = hf.report(hf.apply(model, MONARCH))
     hidden(model, args, kwargs)
-    assert all(s.method == "exact" and s.requested == "mra" for s in report.sites)
-    assert all(s.reason.startswith("mra: ") and s.reason.endswith("(sliding_window=6)") for s in report.sites)
+    assert all(s.method == "exact" and s.requested == "monarch" for s in report.sites)
+    assert all(s.reason.startswith("monarch: ") and "window(5,0)" in s.terms for s in report.sites), str(report)
     model, _ = build("gpt2")
     hidden(hf.apply(model, MONARCH), *inputs("gpt2")[:2])
     assert all("monarch has no causal form" in s.reason for s in hf.report(model).sites)
@@ -283,16 +283,80 @@ def test_output_attentions_runs_exact_eager_and_returns_weights(name):
     assert all(not s.rewritten and s.reason.startswith("output_attentions") for s in report.sites)
 
 
-def test_softcap_runs_exact_eager():
-    extra = dict(num_hidden_layers=2, num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, head_dim=8,
-                 attn_logit_softcapping=5.0, sliding_window=8, **SMALL)
+def gemma2(impl="eager"):
     torch.manual_seed(0)
-    model = transformers.Gemma2Model(transformers.Gemma2Config(attn_implementation="eager", **extra)).eval()
-    args, kwargs, _ = inputs("llama", "right")
+    return transformers.Gemma2Model(transformers.Gemma2Config(
+        num_hidden_layers=2, num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, head_dim=8,
+        attn_logit_softcapping=5.0, sliding_window=6, final_logit_softcapping=None, **SMALL,
+        attn_implementation=impl)).eval()
+
+
+#: every block of the 16 tokens selected (MRA's exact limit), every key kept (top-k's)
+LIMITS = [{"method": "mra", "mra": {"block_size": 4, "blocks_per_row": 4}, "exact_when_cheaper": False},
+          {"method": "topk", "topk": {"k": SEQ}, "exact_when_cheaper": False}]
+
+
+@pytest.mark.parametrize("options", LIMITS, ids=["mra", "topk"])
+@pytest.mark.parametrize("padding", [None, "right", "left"])
+def test_gemma2_softcap_and_window_reach_the_methods(options, padding):
+    # softcap=5 reaches the op as its score modification, the sliding layer's band as the window:
+    # at their exact limits MRA and top-k equal the uncompiled eager model
+    model = gemma2()
+    args, kwargs, keep = inputs("llama", padding)
     ref = hidden(model, args, kwargs)
-    fast = applied(model, MRA)
+    fast = applied(model, options)
+    out = hidden(fast, args, kwargs)
+    report = hf.report(fast)
+    rows = (lambda x: x[keep]) if padding == "left" else (lambda x: x)   # left-padded rows: SDPA's 0 vs eager's average
+    assert rel_err(rows(out), rows(ref)) < 1e-5, str(report)
+    assert [s.method for s in report.sites] == [options["method"]] * 2, str(report)
+    sliding, full = report.sites
+    assert "softcap(5)" in sliding.terms and "window(5,0)" in sliding.terms, str(report)
+    assert "softcap(5)" in full.terms and "window" not in full.terms, str(report)
+    assert {s.mask for s in report.sites} == {"causal+key_padding" if padding else "causal"}, str(report)
+
+
+@pytest.mark.parametrize("options", [MRA, TOPK], ids=["mra", "topk"])
+def test_gemma2_approximation_equals_compiled_path(options):
+    model = gemma2()
+    args, kwargs, _ = inputs("llama", "right")
+    exact = hidden(model, args, kwargs)
+    compiled = torch.compile(model, backend="structattn", options={**options, "compiler": "aot_eager"})
+    expected = hidden(compiled, args, kwargs)
+    compiled_sites = structattn.last_report().sites
+    fast = applied(model, options)
+    out = hidden(fast, args, kwargs)
+    report = hf.report(fast)
+    assert rel_err(out, expected) < 1e-5, f"{report}\n{structattn.last_report()}"
+    assert rel_err(out, exact) > 1e-4     # the approximation really ran
+    assert [(s.method, s.terms) for s in report.sites] == [(s.method, s.terms) for s in compiled_sites], \
+        f"{report}\n{structattn.last_report()}"
+
+
+def test_monarch_refuses_softcap_with_its_reason():
+    model = gemma2()
+    args, kwargs, _ = inputs("llama")
+    ref = hidden(model, args, kwargs)
+    fast = applied(model, MONARCH)
     assert rel_err(hidden(fast, args, kwargs), ref) < 1e-5
-    assert all(s.reason.startswith("softcap") for s in hf.report(fast).sites)
+    assert all(s.method == "exact" and s.reason.startswith("monarch: ") for s in hf.report(fast).sites)
+
+
+def test_plan_window_mask_drops_the_band_only_when_exact():
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    pad = torch.ones(2, 8, dtype=torch.bool)
+    pad[1, :3] = False
+    band = sdpa_mask(2, 8, 8, mask_function=sliding_window_causal_mask_function(3), attention_mask=pad)
+    planned, is_causal, kind, window = hf.plan_window_mask(band, True, 8, 8, 3)
+    assert (is_causal, kind, window) == (True, "causal+key_padding", (2, 0))
+    assert torch.equal(planned[:, 0, 0], pad)
+    # a wrong window, a cache offset (bottom-right band) and no window keep the mask as it is
+    assert hf.plan_window_mask(band, True, 8, 8, 4)[2:] == ("general", (-1, -1))
+    shifted = sdpa_mask(2, 8, 12, q_offset=4, mask_function=sliding_window_causal_mask_function(3),
+                        attention_mask=torch.ones(2, 12, dtype=torch.bool))
+    assert hf.plan_window_mask(shifted, True, 8, 12, 3)[2:] == ("general", (-1, -1))
+    assert hf.plan_window_mask(band, True, 8, 8, None)[2:] == ("general", (-1, -1))
 
 
 def test_training_dropout_runs_exact_with_dropout():

@@ -28,10 +28,21 @@ gets ``is_causal`` plus the ``[B, 1, 1, K]`` row, i.e. the mask kind the compile
 ("causal+key_padding", "key_padding"); anything else is a ``general`` mask. The check is exact
 (never a guess) and its result is cached per mask tensor, so it runs once per forward.
 
+Sliding windows and soft-capping. transformers passes a sliding layer's ``sliding_window=w``
+(Mistral, Gemma-2: key j is visible from query i iff ``j > i - w``, so the op's window is
+``(w - 1, 0)``) and Gemma-2's ``softcap=c``; the mask it builds for such a layer already holds the
+band. The band is dropped from the mask only when the mask is PROVEN to be exactly ``causal &
+window & row`` (row: the keys any query keeps, i.e. the padding), element by element: then the op
+gets ``is_causal``, the window and the row, and MRA / top-k serve the layer. Passing the band in
+the mask as well would be harmless for exact and top-k but makes MRA refuse (a general mask), so
+it is not done; a mask that is not exactly the band (a cache offset: bottom-right alignment, a
+custom mask) stays ``general`` without the window, never a guess. ``softcap=c`` reaches the op as
+the score modification ``c * tanh(s / c)`` of the scaled scores, as the compiled pass reads it.
+
 Exact fallbacks, each recorded with its reason: a method that cannot serve the layer (``supports``,
-e.g. Monarch on a causal layer, MRA with a sliding-window mask), ``output_attentions`` (the model's
-own eager attention, which returns the weights), ``softcap`` and attention sinks (the model's eager
-attention), active training dropout and ``position_bias`` (transformers' SDPA attention).
+e.g. Monarch on a causal layer or with soft-capping), ``output_attentions`` (the model's own eager
+attention, which returns the weights), attention sinks (the model's eager attention), active
+training dropout and ``position_bias`` (transformers' SDPA attention).
 
 Under tracing (``torch.compile`` of a model that uses this implementation) masks are not analysed
 (a materialised mask stays ``general``) and calls are not recorded: to compile, use
@@ -53,16 +64,18 @@ from .config import Config, Resolved
 from .lowering.ops import mod_args, op_args, op_for
 from .passes.cost import auto_min_seq_len, cost_reason
 from .methods import SiteShape, exact_flops, get_method
+from .methods.base import ScoreMods, takes_mods
 from .methods.common import causal_keep
 from .report import Site, _gflop, _heads
+from .scoremod.terms import Mask, labels, terms_of
 
-__all__ = ["NAME", "register", "apply", "report", "attention_forward", "build_mask", "plan_mask", "HFReport", "HFSite"]
+__all__ = ["NAME", "register", "apply", "report", "attention_forward", "build_mask", "plan_mask", "plan_window_mask", "HFReport", "HFSite"]
 
 #: the ``attn_implementation`` name registered with transformers
 NAME = "structattn"
 
 #: call arguments that change the attention math and only transformers' eager functions apply
-_EAGER_ONLY = ("softcap", "s_aux", "sinks")
+_EAGER_ONLY = ("s_aux", "sinks")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,6 +198,7 @@ class _MaskPlan:
     kind: str                       # none | key_padding | causal | causal+key_padding | general
     causal: bool
     keypad: Optional[torch.Tensor]  # [.., 1, K] row for key_padding kinds, else None
+    window: tuple = (-1, -1)        # the op's (window_left, window_right) the mask was proven to hold
 
 
 _CACHE_SIZE = 4
@@ -200,30 +214,41 @@ def plan_mask(mask: Optional[torch.Tensor], causal: bool, q_len: int,
     ``causal & row`` or has identical query rows is split into ``is_causal`` and that ``[.., 1, K]``
     row; an all-keep row is dropped. The split is verified element by element, never assumed.
     """
+    return plan_window_mask(mask, causal, q_len, kv_len, None)[:3]
+
+
+def plan_window_mask(mask: Optional[torch.Tensor], causal: bool, q_len: int, kv_len: int,
+                     sliding_window: Optional[int]) -> tuple[Optional[torch.Tensor], bool, str, tuple]:
+    """``plan_mask`` for a layer that transformers calls with ``sliding_window`` (None: none), plus
+    the op's window ``(left, right)`` ((-1, -1): none): a boolean ``mask`` that is exactly
+    ``causal & (j > i - sliding_window) & row`` becomes ``is_causal``, the window ``(w - 1, 0)``
+    and that ``[.., 1, K]`` row (verified element by element)."""
+    none = (-1, -1)
     if mask is None:
         causal = bool(causal) and q_len > 1
-        return None, causal, "causal" if causal else "none"
+        return None, causal, "causal" if causal else "none", none
     if _tracing(mask):
-        return mask, False, "key_padding" if mask.dim() >= 2 and mask.shape[-2] == 1 else "general"
-    plan = _cached_plan(mask, q_len, kv_len)
+        return mask, False, "key_padding" if mask.dim() >= 2 and mask.shape[-2] == 1 else "general", none
+    left = int(sliding_window) - 1 if isinstance(sliding_window, int) and sliding_window >= 1 else None
+    plan = _cached_plan(mask, q_len, kv_len, left)
     if plan.kind == "general":
-        return mask, False, "general"
-    return plan.keypad, plan.causal, plan.kind
+        return mask, False, "general", none
+    return plan.keypad, plan.causal, plan.kind, plan.window
 
 
-def _cached_plan(mask: torch.Tensor, q_len: int, kv_len: int) -> _MaskPlan:
+def _cached_plan(mask: torch.Tensor, q_len: int, kv_len: int, left: Optional[int] = None) -> _MaskPlan:
     with _cache_lock:
-        for ref, version, q, k, plan in _cache:
-            if ref() is mask and version == mask._version and (q, k) == (q_len, kv_len):
+        for ref, version, q, k, w, plan in _cache:
+            if ref() is mask and version == mask._version and (q, k, w) == (q_len, kv_len, left):
                 return plan
-    plan = _analyse(mask, q_len, kv_len)
+    plan = _analyse(mask, q_len, kv_len, left)
     with _cache_lock:
-        _cache.insert(0, (weakref.ref(mask), mask._version, q_len, kv_len, plan))
+        _cache.insert(0, (weakref.ref(mask), mask._version, q_len, kv_len, left, plan))
         del _cache[_CACHE_SIZE:]
     return plan
 
 
-def _analyse(mask: torch.Tensor, q_len: int, kv_len: int) -> _MaskPlan:
+def _analyse(mask: torch.Tensor, q_len: int, kv_len: int, left: Optional[int] = None) -> _MaskPlan:
     if mask.dim() < 2 or mask.shape[-2] == 1:
         row = mask
     else:
@@ -232,6 +257,10 @@ def _analyse(mask: torch.Tensor, q_len: int, kv_len: int) -> _MaskPlan:
             if mask.dtype != torch.bool or q_len < 2:
                 return _MaskPlan("general", False, None)
             keep = causal_keep(q_len, kv_len, mask.device)
+            if left is not None and mask.shape[-2:] == keep.shape:
+                banded = _banded(mask, keep, left)
+                if banded is not None:
+                    return banded
             if mask.shape[-2:] != keep.shape or not torch.equal(mask, (row & keep).expand_as(mask)):
                 return _MaskPlan("general", False, None)
             if bool(row.all()):
@@ -240,6 +269,19 @@ def _analyse(mask: torch.Tensor, q_len: int, kv_len: int) -> _MaskPlan:
         row = row.clone()
     all_keep = bool(row.all()) if row.dtype == torch.bool else bool((row == 0).all())
     return _MaskPlan("none", False, None) if all_keep else _MaskPlan("key_padding", False, row)
+
+
+def _banded(mask: torch.Tensor, causal: torch.Tensor, left: int) -> Optional[_MaskPlan]:
+    """The plan of a bool ``mask`` [.., Q, K] that equals ``causal & window(left, 0) & row``, with
+    ``row`` the keys some query keeps; None when it is not exactly that."""
+    q = torch.arange(causal.shape[0], device=mask.device).view(-1, 1)
+    band = causal & (torch.arange(causal.shape[1], device=mask.device).view(1, -1) >= q - left)
+    row = mask.any(-2, keepdim=True)
+    if not torch.equal(mask, (band & row).expand_as(mask)):
+        return None
+    if bool(row.all()):
+        return _MaskPlan("causal", True, None, (left, 0))
+    return _MaskPlan("causal+key_padding", True, row, (left, 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,7 +311,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return out, weights
 
     q_len = query.shape[2]
-    mask, causal, kind = plan_mask(attention_mask, flag, q_len, key.shape[2])
+    sliding = kwargs.get("sliding_window")
+    mask, causal, kind, window = plan_window_mask(attention_mask, flag, q_len, key.shape[2], sliding)
+    softcap = kwargs.get("softcap")
+    mods = ScoreMods(f"{float(softcap)!r} * tanh(s / {float(softcap)!r})" if softcap is not None else "", [],
+                     *window)
     if causal and mask is None and key.shape[2] > q_len:
         # An empty static cache in prefill: top-left causal never reaches keys past q_len (as in
         # transformers' SDPA attention, which slices them off the same way).
@@ -279,8 +325,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         mask, causal, kind, shown = None, True, "causal", "causal (declared)"
 
     method, params = get_method(resolved.method), resolved.params
+    terms = terms_of(mods.text, mods.window_left, mods.window_right) + tuple(
+        Mask(k) for k in ({"general": ("general",)}.get(kind) or [k for k in kind.split("+") if k != "none"]))
     site = SiteShape(query.shape[0], query.shape[1], key.shape[1], q_len, key.shape[2], query.shape[3],
-                     value.shape[3], kind, query.dtype)
+                     value.shape[3], kind, query.dtype, terms=terms)
     tensors = ()
     bound = method.bind(layer, site, params, query.device)      # fitted constants (``linear``)
     if isinstance(bound, str):
@@ -288,8 +336,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     else:
         params, tensors = bound
         reason = method.supports(site, params)
+    if reason is None and not mods.empty and not takes_mods(method.forward):
+        reason = f"takes no score modifications ({labels(terms)})"
     if reason is not None:
-        sliding = kwargs.get("sliding_window")
         where = f" (sliding_window={sliding})" if sliding is not None and kind == "general" else ""
         reason = f"{method.name}: {reason}{where}"
         method, params = get_method("exact"), get_method("exact").Params()
@@ -304,10 +353,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             reason = f"kv length below min_seq_len {threshold}" + (" (auto)" if config.min_seq_len == "auto" else "")
     # decided above: the op runs what was chosen (min_seq_len 0), so the record tells the truth
     out = op_for(method)(query, key, value, mask, scale, bool(causal), 0 if reason is None else 1 << 62,
-                         config.impl, "", *mod_args(None), *op_args(method, params, tensors))
+                         config.impl, "", *mod_args(mods), *op_args(method, params, tensors))
     ran = method.name if reason is None else "exact"
     _record(binding, layer, resolved, query, key, value, ran, params if reason is None else None, reason,
-            True, shown)
+            True, shown, labels(terms))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -413,13 +462,13 @@ class HFReport:
         return sum(s.flops for s in self.sites), sum(s.exact_flops for s in self.sites)
 
     def __str__(self) -> str:
-        head = ("layer", "method", "params", "q x kv", "heads", "d", "mask", "calls", "GFLOP est/exact", "note")
+        head = ("layer", "method", "params", "q x kv", "heads", "d", "mask", "terms", "calls", "GFLOP est/exact", "note")
         rows = []
         for s in self.sites:
             params = ",".join(f"{k}={v}" for k, v in s.params.items() if v is not None)
             method = s.method + ("" if s.rewritten else " (transformers)")
             rows.append((s.layer or "<root>", method, params or "-", f"{s.q_len}x{s.kv_len}", _heads(s),
-                         str(s.head_dim), s.mask, str(s.calls),
+                         str(s.head_dim), s.mask, s.terms, str(s.calls),
                          f"{_gflop(s.flops, {})}/{_gflop(s.exact_flops, {})}", s.reason or ""))
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head[:-1])]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head[:-1], widths)) + "  " + head[-1]]
@@ -442,7 +491,7 @@ class HFReport:
 
 
 def _record(binding: _Binding, layer: str, resolved: Resolved, query, key, value, method: str,
-            params: Any, reason: Optional[str], rewritten: bool, mask: str) -> None:
+            params: Any, reason: Optional[str], rewritten: bool, mask: str, terms: str = "-") -> None:
     if torch.compiler.is_compiling():
         return
     shape = SiteShape(query.shape[0], query.shape[1], key.shape[1], query.shape[2], key.shape[2], query.shape[3],
@@ -456,7 +505,7 @@ def _record(binding: _Binding, layer: str, resolved: Resolved, query, key, value
             values = {} if params is None else {f.name: getattr(params, f.name)
                                                 for f in get_method(method).param_fields()}
             row = HFSite(layer=layer, form="hf", method=method, params=values, rewritten=rewritten, reason=reason,
-                         requested=resolved.method, mask=mask, flops=0, exact_flops=0)
+                         requested=resolved.method, mask=mask, flops=0, exact_flops=0, terms=terms)
             report.rows[(layer, method, mask, reason)] = row
         row.calls += 1
         row.shape = shape

@@ -90,8 +90,9 @@ def _handle(gm: GraphModule, m: Match, config: Config, graph_index: int) -> Site
         site.reason, site.scale = f"not rewritten: {plan.reason}", None
         return site
     plan = biases_into_mod(m, plan)
-    # (a declared causal mask replaces the mask, and the window it implied with it)
-    proven = window_plan(plan) if plan.kind == "general" and not resolved.causal else None
+    # a declared causal mask replaces a mask that stays general (and the window it implied with
+    # it); a mask proven to be causal & window (& padding) needs no declaration
+    proven = window_plan(plan) if plan.kind == "general" else None
     if proven is not None:
         # a general mask proven to be exactly causal & window: the op gets is_causal and the window
         plan, m.window = proven
