@@ -107,7 +107,8 @@ CASES = {
     "sum_indicator_causal": (sum_indicator_causal, (), "causal", "bias(relative), causal"),
     "where_causal": (where_causal, (), "causal", "bias(relative), causal"),
     "where_causal_small_fill": (where_causal_small_fill, (), "causal", "bias(relative), causal"),
-    "sum_shifted": (sum_shifted, (), "general", "bias(relative), general"),
+    # keys up to one after the query: proven a window (unbounded left, one right), not causal
+    "sum_shifted": (sum_shifted, (), "none", "bias(relative), window(inf,1)"),
     "where_anticausal": (where_anticausal, (), "general", "bias(relative), general"),
     "where_input_mask": (where_input_mask, (_keep_with_dead_row(),), "general", "bias(relative), general"),
     "where_padding_small_fill": (where_padding_small_fill, (_padding(),), "general", "general"),
