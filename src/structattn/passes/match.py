@@ -65,6 +65,8 @@ class Match:
     layer: str = ""
     scores_shape: Optional[tuple] = None
     scores_dtype: Optional[torch.dtype] = None
+    #: the dtype softmax computes in (its ``dtype=`` argument; None = the scores' own)
+    softmax_dtype: Optional[torch.dtype] = None
     #: the element-wise chain between QK^T and the masks, as a ``scoremod`` expression of the
     #: scaled score (``passes.terms``; '' = none) and the tensor nodes it reads (t0, t1, ...)
     score_mod: str = ""
@@ -119,6 +121,7 @@ def _decomposed(sm: Call) -> Match:
         return m.refuse("softmax input has no recorded shape (or is not a matrix)")
     m.scores_shape = tuple(val.shape)
     m.scores_dtype = val.dtype
+    m.softmax_dtype = sm.get("dtype") if isinstance(sm.get("dtype"), torch.dtype) else None
     dim = sm.get("dim")
     if dim is None or dim not in (-1, val.dim() - 1):
         return m.refuse(f"softmax is over dim {dim}, not the key axis (last dim)")
@@ -208,8 +211,10 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
     # the largest product of a run of the constant factors after the current point, in eager's
     # order: a fill times it overflowing the scores' dtype is -inf in eager (finfo.min, then * 2)
     post_peak = 1.0
-    big = torch.finfo(m.scores_dtype).max if m.scores_dtype is not None and m.scores_dtype.is_floating_point \
-        else torch.finfo(torch.float32).max
+    # the largest finite value on the way from a fill to the softmax: the smallest of the dtypes
+    # the scores pass through after it (a float64 finfo.min is -inf once softmax(dtype=float32),
+    # or a .float(), casts it)
+    big = _finite_max(m.scores_dtype, m.softmax_dtype)
     lead = m.scores_shape[:-2]
     while True:
         if not isinstance(x, Node):
@@ -217,6 +222,9 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
         why = _single_user(x, "attention scores")
         if why:
             return why
+        value = example(x)
+        if value is not None:
+            big = min(big, _finite_max(value.dtype))
         call = canonical(x)
         if call is None:
             return _score_chain(m, x, post_scale, factors)
@@ -319,6 +327,12 @@ def _walk_scores(m: Match, x: Any) -> Optional[str]:
             return (f"torch.where on the scores is not a mask (needs a fill of -inf, or <= {NEG_THRESHOLD:g} that "
                     f"stays <= {SCALED_MASK_LIMIT:g} once scaled by {post_scale:g})")
         return _score_chain(m, x, post_scale, factors)
+
+
+def _finite_max(*dtypes) -> float:
+    """The smallest ``finfo.max`` of the floating ``dtypes`` (float32's when there is none)."""
+    floats = [torch.finfo(d).max for d in dtypes if isinstance(d, torch.dtype) and d.is_floating_point]
+    return min(floats) if floats else torch.finfo(torch.float32).max
 
 
 def _both_scores(m: Match, call: Call) -> bool:

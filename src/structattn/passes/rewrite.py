@@ -153,6 +153,14 @@ def _combined_mask(b: NodeBuilder, m: Match, plan: MaskPlan, rank: int) -> Optio
     for t in terms:
         node = _additive(b, m, t, rank)
         total = node if total is None else b.call(operator.add, total, node)
+    limit = min(t.limit for t in terms)
+    q = example(m.q.node) if m.q is not None else None
+    dtype = q.dtype if q is not None and q.dtype.is_floating_point else m.scores_dtype
+    if dtype is not None and dtype.is_floating_point and limit < torch.finfo(dtype).max:
+        # the scores are cast to a narrower dtype than the op computes in before the softmax (HF:
+        # float64 scores plus a finfo(float64).min mask, then softmax(dtype=float32)): there
+        # eager's masked entries overflow to -inf, so they are hard-masked here too
+        total = b.call("masked_fill", total, b.call(operator.lt, total, -limit), float("-inf"), method=True)
     return total
 
 
