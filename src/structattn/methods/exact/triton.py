@@ -12,6 +12,10 @@ masks, and key tiles wholly outside them are skipped (a window of width w costs 
 k/v heads are read as kv head ``h // G``; head dims up to 256 are padded to a power of two. A row
 with no visible key gives 0 (SDPA's fully masked row); the output has q's dtype.
 
+The kernel is top-k's (``topk/triton.py: _topk_kernel``) compiled without its selection pass
+(``SELECT=False``): the same streaming loop, so both methods share one score tile, one mask and one
+window code path; exact only chooses its own tiles (head dims up to 256).
+
 Without modifications SDPA serves exact sites (its fused kernels are faster than this one), so
 ``supports`` refuses them; ``forward`` itself takes them (the identity score_mod).
 """
@@ -21,71 +25,15 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 
 from ..base import NO_MODS
 from ..common import interpreting, sizes
-from ..triton_common import (NEG_INF, configs, dot_precision, empty_output, general_mask_view, input_reason,
-                             inverse_or_zero, launch, mods_reason, next_pow2, online_softmax, score_mod_args,
-                             score_tile, split_head, window_meta, window_tiles)
+from ..topk.triton import _topk_kernel
+from ..triton_common import (dot_precision, empty_output, general_mask_view, input_reason, launch, mods_reason,
+                             next_pow2, score_mod_args, window_meta)
 
 #: largest head dim (q/k and v) the kernel takes
 MAX_HEAD_DIM = 256
-
-
-@triton.autotune(configs=configs([(4, 2), (8, 3)]),
-                 key=["NK", "DP", "DVP", "CAUSAL", "MASK_KIND", "HAS_WL", "HAS_WR", "BM", "BN"])
-@triton.jit
-def _exact_kernel(
-    Q, K, V, MASK, OUT,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smh, smq, smk,
-    sob, soh, son, sod,
-    H, G, NQ, NK, D, DV, scale, WL, WR,
-    SCORE_MOD: tl.constexpr,
-    T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
-    T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
-    T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
-    T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-    DP: tl.constexpr, DVP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h, hk = split_head(bh, H, G)
-    rm = pid_m * BM + tl.arange(0, BM)
-    m_ok = rm < NQ
-    rd = tl.arange(0, DP)
-    rdv = tl.arange(0, DVP)
-    q = tl.load(Q + b * sqb + h * sqh + rm[:, None] * sqn + rd[None, :] * sqd,
-                mask=m_ok[:, None] & (rd < D)[None, :], other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    m_base = MASK + b * smb + h * smh
-    lo, hi = window_tiles(pid_m * BM, BM, NK, WL, WR, CAUSAL, HAS_WL, HAS_WR, BN)
-
-    m = tl.full([BM], NEG_INF, tl.float32)
-    lsum = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, DVP], tl.float32)
-    for n0 in range(lo, hi, BN):
-        s, rn, n_ok = score_tile(q, k_base, m_base, b, h, rm, m_ok, n0, skn, skd, smq, smk, NK, D, scale, WL, WR,
-                                 SCORE_MOD,
-                                 T0, T0_S0, T0_S1, T0_S2, T0_S3, T0_N0, T0_N1, T0_N2, T0_N3,
-                                 T1, T1_S0, T1_S1, T1_S2, T1_S3, T1_N0, T1_N1, T1_N2, T1_N3,
-                                 T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
-                                 T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
-                                 DP, MASK_KIND, CAUSAL, HAS_WL, HAS_WR, DOT, BN)
-        m, alpha, p, lsum = online_softmax(m, lsum, s)
-        vt = tl.load(v_base + rn[:, None] * svn + rdv[None, :] * svd, mask=n_ok[:, None] & (rdv < DV)[None, :],
-                     other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT)
-    # lsum = 0: no visible key (output 0); a NaN lsum (NaN / +inf logits) stays NaN
-    out = acc * inverse_or_zero(lsum)[:, None]
-    tl.store(OUT + b * sob + h * soh + rm[:, None] * son + rdv[None, :] * sod, out.to(OUT.dtype.element_ty),
-             mask=m_ok[:, None] & (rdv < DV)[None, :])
 
 
 def supports(q, k, v, attn_mask, is_causal, params, mods=NO_MODS) -> Optional[str]:
@@ -125,13 +73,13 @@ def forward(q, k, v, attn_mask, scale, is_causal, params=None, out=None, mods=NO
     score_mod, mod_args = score_mod_args(mods, q)
     window = window_meta(mods)
     grid = (triton.cdiv(NQ, BM), B * H)
-    tk = (q.dtype, NK, D, Dv, bool(is_causal), kind, BM, BN, mods.text, window["HAS_WL"], window["HAS_WR"])
+    tk = ("exact", q.dtype, NK, D, Dv, bool(is_causal), kind, BM, BN, mods.text, window["HAS_WL"], window["HAS_WR"])
     launch(
-        _exact_kernel, grid, tk,
+        _topk_kernel, grid, tk,
         q, k, v, margs, out,
         *q.stride(), *k.stride(), *v.stride(), *sm, *out.stride(),
-        H, G, NQ, NK, D, Dv, float(scale), window["WL"], window["WR"], score_mod, *mod_args,
+        H, G, NQ, NK, D, Dv, NK, float(scale), window["WL"], window["WR"], score_mod, *mod_args,
         HAS_WL=window["HAS_WL"], HAS_WR=window["HAS_WR"], DP=DP, DVP=DVP, MASK_KIND=kind,
-        CAUSAL=bool(is_causal), DOT=dot_precision(q.dtype), BM=BM, BN=BN,
+        CAUSAL=bool(is_causal), SELECT=False, KP=2, SEL=0, DOT=dot_precision(q.dtype), BM=BM, BN=BN,
     )
     return out

@@ -151,8 +151,8 @@ def _topk_kernel(
                                  T2, T2_S0, T2_S1, T2_S2, T2_S3, T2_N0, T2_N1, T2_N2, T2_N3,
                                  T3, T3_S0, T3_S1, T3_S2, T3_S3, T3_N0, T3_N1, T3_N2, T3_N3,
                                  DP, MASK_KIND, CAUSAL, HAS_WL, HAS_WR, DOT, BN)
-        # NaN scores always count (they make the row NaN, like torch.topk ranking NaN first)
-        s = tl.where((s >= thr[:, None]) | (s != s), s, NEG_INF)
+        if SELECT:   # NaN scores always count (they make the row NaN, like torch.topk ranking NaN first)
+            s = tl.where((s >= thr[:, None]) | (s != s), s, NEG_INF)
         m, alpha, p, lsum = online_softmax(m, lsum, s)
         vt = tl.load(v_base + rn[:, None] * svn + rdv[None, :] * svd, mask=n_ok[:, None] & (rdv < DV)[None, :],
                      other=0.0)
