@@ -108,6 +108,10 @@ class _Lifter:
                 return lambda idx: E.Call("int", (inner(idx),))       # truncation, as .long()
             if not src.is_floating_point() and val.is_floating_point():
                 return lambda idx: E.Call("float", (inner(idx),))
+            if src.dtype != torch.bool and val.dtype == torch.bool:
+                if _from_bool(call.get("input")):   # bool -> int / float (-> views) -> bool: the bool itself
+                    return lambda idx: _strip_numeric_casts(inner(idx))
+                return lambda idx: E.BinOp("!=", inner(idx), E.Const(0))   # a number as a truth value
             return inner
         if name in ("unsqueeze", "getitem", "reshape", "expand", "expand_as") or name == "permute" or name == "transpose":
             return self._view(call, val)
@@ -406,3 +410,29 @@ def _only_difference(tree: E.Node) -> bool:
 
 def _name(tree: E.Node) -> Optional[str]:
     return tree.name if isinstance(tree, E.Var) else None
+
+
+def _from_bool(node) -> bool:
+    """Whether ``node`` holds a bool tensor's values through casts and views only (``keep.long()
+    [:, None, None, :]``), so that casting it back to bool gives the bool itself."""
+    views = ("cast", "contiguous", "unsqueeze", "getitem", "reshape", "expand", "expand_as", "permute", "transpose")
+    for _ in range(16):
+        call = canonical(node)
+        if call is not None and call.name in views:
+            node = call.get("input")
+        elif isinstance(node, Node) and node.op == "call_method" and node.target in ("long", "int", "short") \
+                and node.args:
+            node = node.args[0]
+        else:
+            return False
+        val = example(node)
+        if val is not None and val.dtype == torch.bool:
+            return True
+    return False
+
+
+def _strip_numeric_casts(tree: E.Node) -> E.Node:
+    """``int(float(x))`` -> ``x`` (only where ``x`` is known to be a bool: see ``_from_bool``)."""
+    while isinstance(tree, E.Call) and tree.fn in ("int", "float") and len(tree.args) == 1:
+        tree = tree.args[0]
+    return tree

@@ -350,7 +350,7 @@ def _additive(node: Any, term: MaskTerm) -> Optional[list[Step]]:
     if call is not None:
         if call.name in ("contiguous", "expand", "expand_as") or _is_broadcast_view(call):
             return _additive(call.get("input"), term)
-        if call.name == "cast" and _is_float(call.get("input")):
+        if call.name == "cast" and _is_float(call.get("input")) and _is_float(call.node):
             return _additive(call.get("input"), term)
         if call.name == "where":
             cond, a, b = call.get("condition"), call.get("input"), call.get("other")
@@ -403,11 +403,35 @@ def _scaled_indicator(indicator: Any, factor: Any, term: MaskTerm) -> Optional[l
     return None if facts is None else [Step(facts.causal, facts.keypad, "add", c, facts.witnesses, raw=raw, origin=term)]
 
 
+def _nonzero(node: Any, positive: bool) -> Optional[Facts]:
+    """Facts of ``node != 0`` (positive) or ``node == 0`` (negative) for a float tensor cast to bool:
+    an additive mask ``where(C, 0, fill)`` turned back into a bool (MPT: ``mask.to(torch.bool)``,
+    True where masked) is ``not C``; other float tensors are not known."""
+    call = canonical(node)
+    while call is not None and (call.name in ("contiguous", "expand", "expand_as") or _is_broadcast_view(call)):
+        node = call.get("input")
+        call = canonical(node)
+    if call is None or call.name != "where":
+        return None
+    cond, a, b = call.get("condition"), call.get("input"), call.get("other")
+    for zero, fill, keep_is_cond in ((a, b, False), (b, a, True)):
+        value = constant_number(fill)
+        if value is None:   # a constant tensor: ones(()), full((), c)
+            value = _filled_with(fill)
+            value = 1.0 if value is True else value
+        if _is_zero(zero) and isinstance(value, (int, float)) and value != 0:
+            # where(C, 0, f) != 0  <=>  not C ;  where(C, f, 0) != 0  <=>  C
+            return _boolean(cond, positive if keep_is_cond else not positive)
+    return None
+
+
 def _boolean(node: Any, positive: bool) -> Optional[Facts]:
     """Facts of the keep-mask equal to ``node`` (positive) or to NOT ``node`` (negative)."""
     call = canonical(node)
     if call is not None:
         name = call.name
+        if name == "cast" and _is_float(call.get("input")):
+            return _nonzero(call.get("input"), positive)
         if name in ("cast", "contiguous", "expand", "expand_as") or _is_broadcast_view(call):
             return _boolean(call.get("input"), positive)
         if name == "not":

@@ -111,7 +111,7 @@ _METHODS: dict[str, str] = {
     "permute": "permute", "expand": "expand", "expand_as": "expand_as", "reshape": "reshape", "view": "reshape",
     "unsqueeze": "unsqueeze", "repeat_interleave": "repeat_interleave",
     "to": "cast", "type": "cast", "type_as": "cast", "float": "cast", "half": "cast",
-    "bfloat16": "cast", "double": "cast", "contiguous": "contiguous", "clone": "contiguous",
+    "bfloat16": "cast", "double": "cast", "bool": "cast", "contiguous": "contiguous", "clone": "contiguous",
     "__and__": "and", "logical_and": "and", "bitwise_and": "and",
     "le": "compare_le", "lt": "compare_lt", "ge": "compare_ge", "gt": "compare_gt",
     "__le__": "compare_le", "__lt__": "compare_lt", "__ge__": "compare_ge", "__gt__": "compare_gt",

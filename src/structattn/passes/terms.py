@@ -310,7 +310,7 @@ def split_pieces(term, qk: Optional[tuple] = None) -> list:
         return [term]
     call = canonical(term.node)
     if call is not None and (call.name in ("contiguous", "expand", "expand_as") or _is_broadcast_view(call)
-                             or (call.name == "cast" and _is_float(call.get("input")))):
+                             or (call.name == "cast" and _is_float(call.get("input")) and _is_float(call.node))):
         inner = split_pieces(replace(term, node=call.get("input")), qk)
         return [term] if len(inner) == 1 else inner
     if call is not None and call.name == "add" and call.get("alpha") is None \
