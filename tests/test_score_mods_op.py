@@ -187,3 +187,23 @@ def test_a_method_without_mods_works_without_them_and_refuses_them():
     assert rel_err(doubled, 2 * F.scaled_dot_product_attention(q, k, v, enable_gqa=True)) < TOL[torch.float64]
     with pytest.raises(ValueError, match="'doubled' takes no score modifications"):
         SF.attention("doubled", q, k, v, score_mod="s * 2.0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_causal_with_a_finite_key_bias_mask_runs_in_chunks_like_sdpa(dtype, monkeypatch):
+    """BLOOM's form: ALiBi carried as a finite [B, H, 1, K] key bias in the mask, with is_causal.
+    It runs chunk by chunk (no N x N mask) and equals SDPA given the materialised mask, also with
+    -inf keys and a query row (0) whose only key is -inf (a dead row: 0, as SDPA)."""
+    from structattn.methods.exact import torch as exact_torch
+
+    monkeypatch.setattr(exact_torch, "CHUNK_ELEMS", B * H * N * 4)
+    q, k, v = _qkv(dtype=dtype)
+    bias = (SLOPES.view(1, H, 1, 1) * IDX).to(dtype).expand(B, H, 1, N).clone()
+    bias[0, ..., 0] = float("-inf")
+    bias[1, ..., 4] = float("-inf")
+    full = bias + torch.full((N, N), float("-inf"), dtype=dtype).triu(1)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=True)
+    ref = torch.nan_to_num(ref, nan=0.0)            # torch versions differ on fully masked rows
+    out = SF.exact_attention(q, k, v, attn_mask=bias, is_causal=True)
+    assert (out[0, :, 0] == 0).all()
+    assert rel_err(out, ref) < TOL[dtype]

@@ -35,6 +35,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[
         out = _causal_key_padding(q, k, v, attn_mask, scale, gqa)
         if out is not None:
             return out
+        if attn_mask.shape[-2] == 1 and attn_mask.dtype != torch.bool and q.shape[-2] == k.shape[-2]:
+            # causal with a key bias (BLOOM's ALiBi in its padding mask): per query chunk, SDPA over
+            # the keys it can see with the chunk's causal part folded into its mask, no N x N mask
+            return chunked_attention(q, k, v, attn_mask, scale, True, NO_MODS)
         keep = causal_keep(q.shape[-2], k.shape[-2], q.device)
         if attn_mask.dtype == torch.bool:
             attn_mask = attn_mask & keep
@@ -157,7 +161,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_ma
     band = min(Nk, left + right + 1)
     rows = max(1, min(Nq, CHUNK_ELEMS // max(1, B * H * band)))
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)                                  # [B, Hk, 1, Nk, *]
-    additive = is_additive(mods.text)
+    additive = is_additive(mods.text) or mods.empty
     parts = []
     for q0 in range(0, Nq, rows):
         q1 = min(q0 + rows, Nq)
@@ -201,7 +205,8 @@ def _band_sdpa(q, k, v, scale: float, mods: ScoreMods, qpos, kpos, mask, keep) -
     grids = index_grids(B, H, qpos, kpos.numel(), q.device)
     grids["k"] = kpos.view(1, 1, 1, -1)
     zero = torch.zeros((), dtype=cdt, device=q.device)
-    bias = torch.as_tensor(evaluate(parse(mods.text), {"s": zero, **grids}, mods.tensors), dtype=cdt, device=q.device)
+    bias = torch.as_tensor(evaluate(parse(mods.text), {"s": zero, **grids}, mods.tensors), dtype=cdt, device=q.device) \
+        if mods.text else zero
     maybe_dead = mask is not None or not bool(torch.isfinite(bias).all())
     if mask is not None:
         bias = torch.where(mask, bias, MASKED) if mask.dtype == torch.bool else bias + mask.to(cdt)
