@@ -24,13 +24,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
 from ..base import NO_MODS
-from ..common import interpreting, sizes
-from ..topk.triton import _topk_kernel
-from ..triton_common import (dot_precision, empty_output, general_mask_view, input_reason, launch, mods_reason,
-                             next_pow2, score_mod_args, window_meta)
+from ..common import interpreting
+from ..topk.triton import stream
+from ..triton_common import empty_output, input_reason, mods_reason, next_pow2
 
 #: largest head dim (q/k and v) the kernel takes
 MAX_HEAD_DIM = 256
@@ -62,24 +60,6 @@ def forward(q, k, v, attn_mask, scale, is_causal, params=None, out=None, mods=NO
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
-    B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
-    DP, DVP = next_pow2(D), next_pow2(Dv)
-    BM, BN = tiles(DP, DVP, q.dtype)
-    mview, kind = general_mask_view(attn_mask, B, H, NQ, NK)
-    margs = mview if mview is not None else q
-    sm = mview.stride() if mview is not None else (0, 0, 0, 0)
-    if out is None:
-        out = torch.empty(B, H, NQ, Dv, device=q.device, dtype=q.dtype)
-    score_mod, mod_args = score_mod_args(mods, q)
-    window = window_meta(mods)
-    grid = (triton.cdiv(NQ, BM), B * H)
-    tk = ("exact", q.dtype, NK, D, Dv, bool(is_causal), kind, BM, BN, mods.text, window["HAS_WL"], window["HAS_WR"])
-    launch(
-        _topk_kernel, grid, tk,
-        q, k, v, margs, out,
-        *q.stride(), *k.stride(), *v.stride(), *sm, *out.stride(),
-        H, G, NQ, NK, D, Dv, NK, float(scale), window["WL"], window["WR"], score_mod, *mod_args,
-        HAS_WL=window["HAS_WL"], HAS_WR=window["HAS_WR"], DP=DP, DVP=DVP, MASK_KIND=kind,
-        CAUSAL=bool(is_causal), SELECT=False, KP=2, SEL=0, DOT=dot_precision(q.dtype), BM=BM, BN=BN,
-    )
-    return out
+    NK, D, Dv = k.shape[2], q.shape[-1], v.shape[-1]
+    BM, BN = tiles(next_pow2(D), next_pow2(Dv), q.dtype)
+    return stream(q, k, v, attn_mask, scale, is_causal, out, mods, ksel=NK, select=False, KP=2, BM=BM, BN=BN, SEL=0)

@@ -182,7 +182,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None, mods=NO_MODS
     done = empty_output(q, k, v, out)
     if done is not None:
         return done
-    B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
+    NK, D, Dv = k.shape[2], q.shape[-1], v.shape[-1]
     ksel = min(int(params.k), NK)
     select = ksel < NK
     KP = next_pow2(ksel, 2) if select else 2   # unused without selection: one compiled kernel for every k >= Nk
@@ -193,6 +193,14 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None, mods=NO_MODS
     BM = 64 if BN <= 64 else (32 if BN <= 128 else 16)
     if DP > 64 or DVP > 64:
         BM = min(BM, 64)
+    return stream(q, k, v, attn_mask, scale, is_causal, out, mods, ksel=ksel, select=select, KP=KP, BM=BM, BN=BN)
+
+
+def stream(q, k, v, attn_mask, scale, is_causal, out, mods, *, ksel, select, KP, BM, BN, SEL=None):
+    """Launch ``_topk_kernel`` over q's row tiles (``select`` False: exact attention, every key a
+    tile reaches) and return ``out`` (allocated when None). The one launch both top-k and exact use."""
+    B, H, _, NQ, NK, D, Dv, G = sizes(q, k, v)
+    DP, DVP = next_pow2(D), next_pow2(Dv)
     mview, kind = general_mask_view(attn_mask, B, H, NQ, NK)
     margs = mview if mview is not None else q
     sm = mview.stride() if mview is not None else (0, 0, 0, 0)
@@ -209,6 +217,7 @@ def forward(q, k, v, attn_mask, scale, is_causal, params, out=None, mods=NO_MODS
         *q.stride(), *k.stride(), *v.stride(), *sm, *out.stride(),
         H, G, NQ, NK, D, Dv, ksel, float(scale), window["WL"], window["WR"], score_mod, *mod_args,
         HAS_WL=window["HAS_WL"], HAS_WR=window["HAS_WR"], DP=DP, DVP=DVP, MASK_KIND=kind,
-        CAUSAL=bool(is_causal), SELECT=select, KP=KP, SEL=selection_mode(), DOT=dot_precision(q.dtype), BM=BM, BN=BN,
+        CAUSAL=bool(is_causal), SELECT=select, KP=KP, SEL=selection_mode() if SEL is None else SEL,
+        DOT=dot_precision(q.dtype), BM=BM, BN=BN,
     )
     return out
