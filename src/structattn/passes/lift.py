@@ -377,17 +377,7 @@ def simplify(tree: E.Node) -> E.Node:
         if tree.op == "*" and isinstance(a, E.Const) and a.value == 1:
             return c
         return E.BinOp(tree.op, a, c)
-    if isinstance(tree, E.Load):
-        return E.Load(tree.index, tuple(simplify(i) for i in tree.at))
-    if isinstance(tree, E.Call):
-        return E.Call(tree.fn, tuple(simplify(x) for x in tree.args))
-    if isinstance(tree, E.Neg):
-        return E.Neg(simplify(tree.value))
-    if isinstance(tree, E.Not):
-        return E.Not(simplify(tree.value))
-    if isinstance(tree, E.BoolOp):
-        return E.BoolOp(tree.op, tuple(simplify(v) for v in tree.values))
-    return tree
+    return E.map_children(tree, simplify)
 
 
 def classify(lifted: Lifted) -> str:

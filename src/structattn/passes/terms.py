@@ -170,21 +170,7 @@ def fold_scale(tree: E.Node) -> tuple[E.Node, float]:
         return tree, 1.0
 
     def swap(t: E.Node) -> E.Node:
-        if _scaled_s(t) is not None:
-            return E.Var("s")
-        if isinstance(t, E.BinOp):
-            return E.BinOp(t.op, swap(t.left), swap(t.right))
-        if isinstance(t, E.Call):
-            return E.Call(t.fn, tuple(swap(a) for a in t.args))
-        if isinstance(t, E.Neg):
-            return E.Neg(swap(t.value))
-        if isinstance(t, E.Not):
-            return E.Not(swap(t.value))
-        if isinstance(t, E.BoolOp):
-            return E.BoolOp(t.op, tuple(swap(v) for v in t.values))
-        if isinstance(t, E.Load):
-            return E.Load(t.index, tuple(swap(i) for i in t.at))
-        return t
+        return E.Var("s") if _scaled_s(t) is not None else E.map_children(t, swap)
     return swap(tree), c
 
 
@@ -216,19 +202,8 @@ def lift_bias(node: Node, coef: float, site_rank: int, first_index: int) -> Opti
 def _renumber(t: E.Node, offset: int) -> E.Node:
     if offset == 0:
         return t
-    if isinstance(t, E.Load):
-        return E.Load(t.index + offset, tuple(_renumber(i, offset) for i in t.at))
-    if isinstance(t, E.BinOp):
-        return E.BinOp(t.op, _renumber(t.left, offset), _renumber(t.right, offset))
-    if isinstance(t, E.Call):
-        return E.Call(t.fn, tuple(_renumber(a, offset) for a in t.args))
-    if isinstance(t, E.Neg):
-        return E.Neg(_renumber(t.value, offset))
-    if isinstance(t, E.Not):
-        return E.Not(_renumber(t.value, offset))
-    if isinstance(t, E.BoolOp):
-        return E.BoolOp(t.op, tuple(_renumber(v, offset) for v in t.values))
-    return t
+    t = E.map_children(t, lambda c: _renumber(c, offset))
+    return E.Load(t.index + offset, t.at) if isinstance(t, E.Load) else t
 
 
 def _op_name(node: Any) -> str:

@@ -184,6 +184,24 @@ def children(tree: Node) -> tuple:
     return ()
 
 
+def map_children(tree: Node, fn) -> Node:
+    """``tree`` with ``fn`` applied to each direct child (``children``); leaves are returned as they
+    are. The one rebuild every tree rewrite (substitution, renumbering, folding) recurses through."""
+    if isinstance(tree, Load):
+        return Load(tree.index, tuple(fn(i) for i in tree.at))
+    if isinstance(tree, Call):
+        return Call(tree.fn, tuple(fn(a) for a in tree.args))
+    if isinstance(tree, BinOp):
+        return BinOp(tree.op, fn(tree.left), fn(tree.right))
+    if isinstance(tree, Neg):
+        return Neg(fn(tree.value))
+    if isinstance(tree, Not):
+        return Not(fn(tree.value))
+    if isinstance(tree, BoolOp):
+        return BoolOp(tree.op, tuple(fn(v) for v in tree.values))
+    return tree
+
+
 def unparse(tree: Node) -> str:
     """Canonical text of a tree (``parse(unparse(t)) == t``)."""
     if isinstance(tree, Const):

@@ -18,7 +18,7 @@ import torch
 from ..base import ScoreMods, empty_result
 from ..common import MASKED, ceil_div, compute_dtype, pad_rows, sizes, softmax_and_lse
 from . import MraParams
-from .torch import _chunks, _slot_masks, key_weights, merge_partial, mra_pool, mra_select
+from .torch import _chunks, _slot_masks, low_resolution, merge_partial, mra_select
 
 
 def mra_forward_mods(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -38,12 +38,9 @@ def mra_forward_mods(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     r = sel.block_idx.shape[-1]
     BH = B * Hk
 
-    lse_lo = o_lo = None
-    if params.variant == "mra2":
-        p_lo, lse_lo = softmax_and_lse(sel.pooled_logits)                   # [B, H, Mq, Mk]
-        vhat = mra_pool(v.to(cdt), key_weights(sel), b, H)                  # [B, H, Mk, Dv]
-        o_lo = (p_lo @ vhat).reshape(BH, G, mq, 1, Dv)
-        lse_lo = lse_lo.reshape(BH, G, mq, 1, 1)
+    o_lo, lse_lo = low_resolution(sel, v, params, cdt, H)
+    if o_lo is not None:
+        o_lo, lse_lo = o_lo.reshape(BH, G, mq, 1, Dv), lse_lo.reshape(BH, G, mq, 1, 1)
 
     q4, k3, v3 = q.reshape(BH, G, Nq, D), k.reshape(BH, Nk, D), v.reshape(BH, Nk, Dv)
     unused = not bool(sel.block_valid.all())

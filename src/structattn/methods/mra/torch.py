@@ -269,11 +269,7 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     r = sel.block_idx.shape[-1]
     BH = B * Hk
 
-    lse_lo = o_lo = None
-    if params.variant == "mra2":
-        p_lo, lse_lo = softmax_and_lse(sel.pooled_logits)                   # [B, H, Mq, Mk]
-        vhat = mra_pool(v.to(cdt), key_weights(sel), b, H)                  # [B, H, Mk, Dv]
-        o_lo = p_lo @ vhat                                                  # [B, H, Mq, Dv]
+    o_lo, lse_lo = low_resolution(sel, v, params, cdt, H)
     if fused_cpu.usable(q, k, v, is_causal, attn_mask) is None:
         lowres = None if o_lo is None else (o_lo, lse_lo)
         return fused_cpu.high_res_cpu(q, k, v, sel, scale, is_causal, lowres, cdt).to(q.dtype)
@@ -325,6 +321,16 @@ def mra_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     if nqp > Nq:
         out = out[:, :, :Nq]
     return out.to(q.dtype)
+
+
+def low_resolution(sel: MraSelection, v: torch.Tensor, params: MraParams, cdt: torch.dtype, H: int) -> tuple:
+    """MRA-2's pooled branch: ``(o_lo [B, H, Mq, Dv], lse_lo [B, H, Mq])``, the softmax of the
+    pooled logits over the pooled values and its log-sum-exp; ``(None, None)`` for ``mra2s``."""
+    if params.variant != "mra2":
+        return None, None
+    p_lo, lse_lo = softmax_and_lse(sel.pooled_logits)                       # [B, H, Mq, Mk]
+    vhat = mra_pool(v.to(cdt), key_weights(sel), sel.block, H)              # [B, H, Mk, Dv]
+    return p_lo @ vhat, lse_lo
 
 
 def _slot_masks(sel: MraSelection, B: int, H: int, Nk: int, G: int, unused: bool, is_causal: bool) -> tuple:
