@@ -1,4 +1,4 @@
-"""A banded mask with key padding inside it (passes/terms.py ``window_plan``): the mask
+"""A banded mask with key padding inside it (passes/windows.py ``window_plan``): the mask
 ``window & causal & keep[b, k]`` reaches the op as is_causal, the window and a [B, 1, 1, K]
 key-padding keep mask; a finite fill becomes the dead-row program over causal (c), window (w) and
 padded (m) entries, so rows whose every key is masked get eager's answer. float64 against eager,

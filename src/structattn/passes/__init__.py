@@ -19,7 +19,8 @@ from .canonical import erase_dead, functionalize_inplace
 from .cost import auto_min_seq_len, cost_reason
 from .expand import expand_fused_modules
 from .masks import plan_mask
-from .terms import biases_into_mod, implied_window, site_terms, window_plan
+from .terms import biases_into_mod, site_terms
+from .windows import implied_window, window_plan
 from .match import Match, find_sites
 from .rewrite import rewrite_site
 from .shield import shield_softmax
